@@ -1,0 +1,89 @@
+"""The Typer application, global options and the error policy shared by every command."""
+
+from __future__ import annotations
+
+import sys
+from typing import Annotated, Optional
+
+import typer
+
+from hetlm import __version__
+from hetlm.cli.render import stderr
+from hetlm.errors import HetlmError
+
+app = typer.Typer(
+    name="hetlm",
+    help="Train, evaluate and deploy a small language model on the hardware you have.",
+    no_args_is_help=True,
+    rich_markup_mode="rich",
+    pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+_state = {"debug": False}
+
+
+def debug_enabled() -> bool:
+    return _state["debug"]
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"hetlm {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    debug: Annotated[bool, typer.Option("--debug", help="Show full Python tracebacks on errors.")] = False,
+    version: Annotated[
+        Optional[bool],
+        typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit."),
+    ] = None,
+) -> None:
+    """Train, evaluate and deploy a small language model on the hardware you have."""
+    _state["debug"] = debug
+
+
+def _fail(message: str, code: int) -> int:
+    stderr.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    return code
+
+
+def _is_click_error(exc: Exception) -> bool:
+    return hasattr(exc, "format_message") and isinstance(getattr(exc, "exit_code", None), int)
+
+
+def run(argv: list[str] | None = None) -> int:
+    """Run the CLI on ``argv`` and return the exit code instead of exiting."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    _state["debug"] = "--debug" in args
+    command = typer.main.get_command(app)
+    try:
+        result = command.main(args=args, prog_name="hetlm", standalone_mode=False)
+        return result if isinstance(result, int) else 0
+    except HetlmError as exc:
+        if _state["debug"]:
+            raise
+        return _fail(str(exc), exc.exit_code)
+    except typer.Exit as exc:
+        return exc.exit_code
+    except (KeyboardInterrupt, typer.Abort):
+        if _state["debug"]:
+            raise
+        stderr.print("[yellow]interrupted[/]")
+        return 130
+    except Exception as exc:
+        if _is_click_error(exc):
+            # Typer's own copy of click raises these for bad options; they already carry exit code 2.
+            ctx = getattr(exc, "ctx", None)
+            if ctx is not None:
+                stderr.print(ctx.get_usage(), highlight=False)
+            return _fail(exc.format_message(), exc.exit_code)
+        if _state["debug"]:
+            raise
+        return _fail(f"{type(exc).__name__}: {exc} (run with --debug for the traceback)", 1)
+
+
+def main() -> None:
+    sys.exit(run())

@@ -1,0 +1,69 @@
+"""Rich rendering of library reports: progress bars, warnings and tables, all on stderr."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    SpinnerColumn,
+    TextColumn,
+    TimeElapsedColumn,
+    TransferSpeedColumn,
+)
+
+from hetlm.reporting import Reporter
+
+stdout = Console(soft_wrap=True)
+stderr = Console(stderr=True)
+
+
+class RichReporter(Reporter):
+    """Shows each started task as a progress bar; byte tasks show MB/s."""
+
+    def __init__(self, console: Console = stderr) -> None:
+        self.console = console
+        self.progress = Progress(
+            SpinnerColumn(),
+            TextColumn("[bold]{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TransferSpeedColumn(),
+            TimeElapsedColumn(),
+            console=console,
+            transient=False,
+            disable=not console.is_terminal,
+        )
+        self.tasks: dict[str, Any] = {}
+
+    def __enter__(self) -> RichReporter:
+        self.progress.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.progress.stop()
+
+    def start(self, task: str, total: float | None = None, unit: str = "") -> None:
+        self.tasks[task] = self.progress.add_task(task, total=total)
+
+    def advance(self, task: str, amount: float = 1.0) -> None:
+        if task in self.tasks:
+            self.progress.advance(self.tasks[task], amount)
+
+    def finish(self, task: str) -> None:
+        if task in self.tasks:
+            handle = self.tasks.pop(task)
+            total = self.progress.tasks[handle].total
+            if total is None:
+                self.progress.update(handle, total=self.progress.tasks[handle].completed)
+            else:
+                self.progress.update(handle, completed=total)
+
+    def info(self, message: str) -> None:
+        self.progress.console.print(message, highlight=False)
+
+    def warning(self, message: str) -> None:
+        self.progress.console.print(f"[yellow]warning:[/] {message}", highlight=False)
