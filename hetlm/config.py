@@ -296,7 +296,10 @@ def _coerce(key: str, value: Any, annotation: Any) -> Any:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
     elif annotation is str:
-        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+        if isinstance(value, bool):
+            # YAML 1.1 reads on/off/yes/no as booleans; switch-like string keys (device.compile) mean on/off.
+            return "on" if value else "off"
+        if isinstance(value, (str, int, float)):
             return str(value)
     else:
         return value

@@ -3,8 +3,15 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
 from hetlm.cli import run
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _one_torch_thread():
+    """Tiny test models run fastest on one thread; more threads only fight over the cores."""
+    torch.set_num_threads(1)
 
 
 class CliResult:

@@ -1,0 +1,102 @@
+"""``hetlm plan``: show the machine and what the planner decides for it."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.markup import escape
+from rich.table import Table
+
+from hetlm.cli.app import app
+from hetlm.cli.options import ConfigOption, SetOption
+from hetlm.cli.render import stdout
+from hetlm.config import load_config
+from hetlm.planner import Inventory, Plan, detect_inventory, load_inventory, make_plan
+
+
+@app.command("plan")
+def plan(
+    config: ConfigOption = None,
+    set_: SetOption = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object instead of tables.")] = False,
+    inventory: Annotated[
+        Optional[Path],
+        typer.Option("--inventory", help="Plan for a simulated machine (JSON; also $HETLM_INVENTORY).", show_default=False),
+    ] = None,
+    workload: Annotated[str, typer.Option("--workload", help="train, infer or preprocess.")] = "train",
+) -> None:
+    """Show the hardware found and where each stage will run, in which dtype, and why."""
+    resolved = load_config(config, set_ or [])
+    machine = load_inventory(inventory) if inventory is not None else detect_inventory()
+    result = make_plan(machine, resolved, workload)
+    if as_json:
+        typer.echo(json.dumps(result.to_dict(), indent=2))
+        return
+    stdout.print(_inventory_table(machine))
+    stdout.print(_decisions_table(result))
+    if result.memory:
+        stdout.print(_memory_table(result))
+    stdout.print(f"peak {result.peak_flops / 1e12:.2f} TFLOP/s on {result.device} at {result.dtype} (the MFU denominator)")
+    memory = next((d for d in result.decisions if d.stage == "memory"), None)
+    if memory is not None and not result.fits:
+        stdout.print(f"[bold red]does not fit:[/] {escape(memory.reason)}")
+    elif memory is not None:
+        stdout.print(f"[green]fits:[/] {escape(memory.reason)}")
+
+
+def _inventory_table(machine: Inventory) -> Table:
+    table = Table(title=f"Inventory ({machine.platform}, C compiler: {'yes' if machine.compiler else 'no'})", title_justify="left")
+    table.add_column("Device", style="bold")
+    table.add_column("What")
+    cpu = machine.cpu
+    isa = [name for name, present in (("AVX-512", cpu.avx512), ("AMX", cpu.amx), ("AVX512-BF16", cpu.avx512_bf16)) if present]
+    table.add_row("cpu", escape(
+        f"{cpu.model_name}: {cpu.cores} cores / {cpu.logical_cpus} CPUs usable, {_size(cpu.ram_bytes)} RAM, "
+        f"ISA {', '.join(isa) or 'without AVX-512'}"
+    ))
+    for device in machine.cuda:
+        major, minor = device.capability
+        table.add_row(f"cuda:{device.index}", escape(
+            f"{device.name}: {_size(device.free_memory)} free of {_size(device.total_memory)}, "
+            f"compute capability {major}.{minor}, bf16 {'yes' if device.bf16 else 'no'}"
+        ))
+    if machine.mps:
+        table.add_row("mps", "Apple GPU sharing the system RAM")
+    return table
+
+
+def _decisions_table(result: Plan) -> Table:
+    table = Table(title=f"Plan: {result.workload} on {result.device} ({result.dtype})", title_justify="left")
+    table.add_column("Stage", style="bold")
+    table.add_column("Choice", max_width=24)
+    table.add_column("Why")
+    for decision in result.decisions:
+        choice = escape(decision.choice)
+        if decision.stage == "memory":
+            choice = f"[green]{choice}[/]" if result.fits else f"[bold red]{choice}[/]"
+        table.add_row(escape(decision.stage), choice, escape(decision.reason))
+    return table
+
+
+def _memory_table(result: Plan) -> Table:
+    table = Table(title="Memory per device", title_justify="left")
+    table.add_column("", style="bold")
+    for estimate in result.memory:
+        table.add_column(estimate.device, justify="right")
+    rows = (("weights", "weights (fp32)"), ("gradients", "gradients"), ("optimizer", "optimizer state"),
+            ("activations", "activations"), ("logits", "logits"), ("overhead", "overhead"), ("total", "total"),
+            ("available", "available"))
+    for field, label in rows:
+        table.add_row(label, *(_size(getattr(e, field)) for e in result.memory))
+    table.add_row("fits", *("[green]yes[/]" if e.fits else "[bold red]NO[/]" for e in result.memory))
+    return table
+
+
+def _size(n: int) -> str:
+    for unit, scale in (("TiB", 2**40), ("GiB", 2**30), ("MiB", 2**20)):
+        if n >= scale:
+            return f"{n / scale:.2f} {unit}"
+    return "0" if n == 0 else f"{n / 2**10:.1f} KiB"

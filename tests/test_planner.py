@@ -1,0 +1,286 @@
+import dataclasses
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from hetlm.config import load_config
+from hetlm.errors import HetlmError, UsageError
+from hetlm.planner import (
+    Inventory,
+    detect_inventory,
+    load_inventory,
+    make_plan,
+    memory_estimate,
+)
+
+INVENTORIES = Path(__file__).parent / "inventories"
+GPT2_SMALL = ["model.n_layers=12", "model.d_model=768", "model.n_heads=12", "model.context_length=1024", "data.vocab_size=50257"]
+
+
+def inventory(name: str) -> Inventory:
+    return load_inventory(INVENTORIES / f"{name}.json")
+
+
+def plan_for(name: str, *sets: str, workload: str = "train", **kwargs):
+    return make_plan(inventory(name), load_config(None, list(sets)), workload, **kwargs)
+
+
+def decision(plan, stage: str):
+    return next(d for d in plan.decisions if d.stage == stage)
+
+
+@pytest.mark.parametrize("path", sorted(INVENTORIES.glob("*.json")), ids=lambda p: p.stem)
+def test_inventory_files_round_trip(path):
+    loaded = load_inventory(path)
+    assert Inventory.from_dict(json.loads(json.dumps(loaded.to_dict()))) == loaded
+    assert loaded.to_dict() == json.loads(path.read_text())
+
+
+def test_detect_inventory_on_this_machine(monkeypatch):
+    monkeypatch.delenv("HETLM_INVENTORY", raising=False)
+    found = detect_inventory()
+    assert found.platform == sys.platform
+    assert 1 <= found.cpu.cores <= found.cpu.logical_cpus
+    assert found.cpu.ram_bytes > 2**28
+    assert len(found.cuda) == torch.cuda.device_count()
+    assert found.mps == torch.backends.mps.is_available()
+    if sys.platform.startswith("linux"):
+        flags = Path("/proc/cpuinfo").read_text().split()
+        assert found.cpu.amx == ("amx_bf16" in flags)
+        assert found.cpu.avx512 == ("avx512f" in flags)
+    # A plan can always be made for the machine we are on.
+    assert make_plan(found, load_config(None, [])).threads >= 1
+
+
+def test_environment_variable_simulates_a_machine(monkeypatch):
+    monkeypatch.setenv("HETLM_INVENTORY", str(INVENTORIES / "two-gpus.json"))
+    assert detect_inventory() == inventory("two-gpus")
+
+
+def test_bad_inventory_files(tmp_path):
+    with pytest.raises(UsageError, match="inventory file not found"):
+        load_inventory(tmp_path / "missing.json")
+    bad = tmp_path / "bad.json"
+    bad.write_text("{not json")
+    with pytest.raises(UsageError, match="not a readable JSON inventory"):
+        load_inventory(bad)
+    data = inventory("one-8gb-gpu").to_dict()
+    del data["cpu"]["ram_bytes"]
+    bad.write_text(json.dumps(data))
+    with pytest.raises(UsageError, match="missing field cpu.ram_bytes"):
+        load_inventory(bad)
+    data = inventory("one-8gb-gpu").to_dict()
+    data["cuda"][0]["bf16"] = "yes"
+    bad.write_text(json.dumps(data))
+    with pytest.raises(UsageError, match=r"cuda\[0\].bf16 must be bool"):
+        load_inventory(bad)
+
+
+def test_no_gpu_amx_cpu():
+    tiny = plan_for("no-gpu")
+    assert (tiny.device, tiny.threads, tiny.pin_memory, tiny.non_blocking, tiny.grad_scaler) == ("cpu", 2, False, False, False)
+    # AMX is there, but the default d_model 128 is too small for bf16 casts to pay off.
+    assert tiny.dtype == "fp32" and "d_model 128 < 256" in decision(tiny, "dtype").reason
+    assert tiny.compile is False and "would not pay back" in decision(tiny, "compile").reason
+    assert tiny.peak_flops == pytest.approx(2 * 110e9)
+    assert tiny.placements[0].layers == (0, 4) and tiny.fits
+
+    wide = plan_for("no-gpu", "model.d_model=512", "model.n_heads=8", "train.max_steps=20000")
+    assert wide.dtype == "bf16" and "AMX" in decision(wide, "dtype").reason
+    assert wide.compile is True
+    assert wide.peak_flops == pytest.approx(2 * 300e9)
+    # A time limit bounds the run, so the compile no longer pays back.
+    capped = plan_for("no-gpu", "model.d_model=512", "model.n_heads=8", "train.max_steps=20000", "train.max_time=2m")
+    assert capped.compile is False
+
+
+def test_cpu_without_amx_stays_fp32():
+    plan = plan_for("cpu-no-amx", "model.d_model=512", "model.n_heads=8")
+    assert plan.device == "cpu" and plan.dtype == "fp32"
+    assert "no AMX or AVX512-BF16" in decision(plan, "dtype").reason
+    assert plan.threads == 6  # physical cores, not the 12 hyperthreads
+    assert plan.preprocess_workers == 12
+
+
+def test_one_8gb_gpu():
+    plan = plan_for("one-8gb-gpu")
+    assert (plan.device, plan.dtype, plan.grad_scaler) == ("cuda:0", "bf16", False)
+    assert plan.pin_memory and plan.non_blocking and "pinned" in decision(plan, "data loading").choice
+    assert plan.threads <= 4
+    assert plan.peak_flops == pytest.approx(40.6e12)
+    assert plan.fits and plan.memory[0].available == inventory("one-8gb-gpu").cuda[0].free_memory
+    assert plan.compile is False  # a 1000-step toy run on a GPU is over in seconds
+    long_run = plan_for("one-8gb-gpu", *GPT2_SMALL, "train.micro_batch_size=2", "train.max_steps=5000")
+    assert long_run.compile is True and long_run.fits
+
+
+def test_two_gpus():
+    plan = plan_for("two-gpus")
+    assert plan.device == "cuda:0"
+    assert "torchrun --nproc_per_node 2" in decision(plan, "parallelism").reason
+    second = plan_for("two-gpus", world_size=2, local_rank=1)
+    assert second.device == "cuda:1" and "DDP x2 (NCCL)" in decision(second, "parallelism").choice
+    with pytest.raises(UsageError, match="3 processes but only 2 CUDA"):
+        plan_for("two-gpus", world_size=3, local_rank=2)
+
+
+def test_apple_mps():
+    plan = plan_for("apple-mps")
+    assert (plan.device, plan.dtype, plan.compile, plan.pin_memory) == ("mps", "fp32", False, False)
+    assert plan.memory[0].available == int(inventory("apple-mps").cpu.ram_bytes * 2 / 3)
+    with pytest.raises(UsageError, match="MPS cannot be shared"):
+        plan_for("apple-mps", "device.device=mps", world_size=2)
+    assert plan_for("apple-mps", world_size=2).device == "cpu"
+
+
+def test_old_gpu_uses_fp16_with_a_grad_scaler():
+    plan = plan_for("old-gpu")
+    assert (plan.device, plan.dtype, plan.grad_scaler) == ("cuda:0", "fp16", True)
+    assert "7.5 < 8.0" in decision(plan, "dtype").reason
+    assert plan.autocast_dtype == torch.float16
+    assert plan_for("old-gpu", workload="infer").grad_scaler is False
+    with pytest.raises(UsageError, match="Tesla T4 .* has no bf16"):
+        plan_for("old-gpu", "device.dtype=bf16")
+
+
+def test_windows_never_compiles_by_default():
+    long_run = ("train.max_steps=1000000",)
+    assert plan_for("windows-gpu", *long_run).compile is False
+    assert plan_for("windows-gpu", *long_run, 'device.compile="on"').compile is True
+    assert plan_for("one-8gb-gpu", *long_run, "model.d_model=512", "model.n_heads=8").compile is True
+
+
+def test_model_that_does_not_fit_gets_a_proposal():
+    sets = [*GPT2_SMALL, "train.micro_batch_size=64"]
+    plan = plan_for("one-8gb-gpu", *sets)
+    assert not plan.fits and not plan.memory[0].fits
+    memory = decision(plan, "memory")
+    assert memory.choice == "does not fit"
+    proposed = int(memory.reason.split("train.micro_batch_size=")[1].split()[0])
+    steps = int(memory.reason.split("(")[1].split()[0])
+    assert f"train.global_batch_tokens={64 * 1024}" in memory.reason
+    assert 1 <= proposed < 64 and proposed * steps == 64
+    config = load_config(None, sets)
+    available = plan.memory[0].available
+    assert memory_estimate(config, "cuda:0", proposed, "bf16", True, available).fits
+    assert not memory_estimate(config, "cuda:0", proposed * 2, "bf16", True, available).fits
+    # The proposal itself plans as fitting.
+    assert plan_for("one-8gb-gpu", *sets[:-1], f"train.micro_batch_size={proposed}").fits
+
+    hopeless = plan_for("one-8gb-gpu", *GPT2_SMALL, "model.n_layers=96", "train.micro_batch_size=4")
+    assert "even at train.micro_batch_size=1" in decision(hopeless, "memory").reason
+
+
+def test_memory_estimate_grows_as_expected():
+    config = load_config(None, [])
+    a = memory_estimate(config, "cpu", 8, "fp32", True, 2**40)
+    b = memory_estimate(config, "cpu", 16, "fp32", True, 2**40)
+    assert b.activations == 2 * a.activations and b.logits == 2 * a.logits and b.weights == a.weights
+    assert a.optimizer == 2 * a.gradients == 2 * a.weights
+    assert memory_estimate(config, "cpu", 8, "bf16", True, 2**40).activations < a.activations
+    infer = memory_estimate(config, "cpu", 8, "fp32", False, 2**40)
+    assert infer.gradients == infer.optimizer == 0 and infer.total < a.total
+    assert a.total == a.weights + a.gradients + a.optimizer + a.activations + a.logits + a.overhead
+    assert not memory_estimate(config, "cpu", 8, "fp32", True, a.total - 1).fits
+    # The vocabulary comes from the data section unless the model section sets it.
+    bigger = load_config(None, ["data.vocab_size=8192"])
+    assert memory_estimate(bigger, "cpu", 8, "fp32", True, 2**40).weights > a.weights
+    pinned = load_config(None, ["data.vocab_size=8192", "model.vocab_size=4096"])
+    assert memory_estimate(pinned, "cpu", 8, "fp32", True, 2**40).weights == a.weights
+
+
+def test_overrides():
+    assert plan_for("one-8gb-gpu", "device.device=cpu").device == "cpu"
+    assert plan_for("one-8gb-gpu", "device.dtype=fp32").dtype == "fp32"
+    assert plan_for("no-gpu", "device.threads=3").threads == 3
+    assert plan_for("no-gpu", 'device.compile="on"').compile is True
+    assert plan_for("no-gpu", "device.prefetch=9").prefetch == 9
+    assert plan_for("two-gpus", "device.device=cuda:1").device == "cuda:1"
+    assert "emulated" in decision(plan_for("cpu-no-amx", "device.dtype=bf16"), "dtype").reason
+    with pytest.raises(UsageError, match="no CUDA device"):
+        plan_for("no-gpu", "device.device=cuda")
+    with pytest.raises(UsageError, match="only 2 CUDA device"):
+        plan_for("two-gpus", "device.device=cuda:2")
+    with pytest.raises(UsageError, match="no Apple MPS"):
+        plan_for("no-gpu", "device.device=mps")
+
+
+def test_preprocess_and_infer_workloads():
+    pre = plan_for("one-8gb-gpu", workload="preprocess")
+    assert (pre.device, pre.preprocess_workers, pre.memory) == ("cpu", 16, ())
+    assert plan_for("one-8gb-gpu", "data.workers=3", workload="preprocess").preprocess_workers == 3
+    infer = plan_for("no-gpu", "train.max_steps=10000000", workload="infer")
+    assert infer.compile is False and infer.memory[0].optimizer == 0
+    with pytest.raises(UsageError, match="workload must be one of"):
+        plan_for("no-gpu", workload="serve")
+
+
+def test_make_plan_is_pure():
+    config = load_config(None, [*GPT2_SMALL, "train.micro_batch_size=64"])
+    before = config.to_dict()
+    machine = inventory("one-8gb-gpu")
+    first = make_plan(machine, config)
+    assert make_plan(machine, config) == first
+    assert make_plan(inventory("one-8gb-gpu"), load_config(None, [*GPT2_SMALL, "train.micro_batch_size=64"])) == first
+    assert config.to_dict() == before
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        first.device = "cpu"
+
+
+def test_autocast_and_apply_on_this_machine():
+    bf16 = plan_for("no-gpu", "model.d_model=512", "model.n_heads=8")
+    a = torch.ones(4, 4)
+    with bf16.autocast():
+        assert (a @ a).dtype == torch.bfloat16
+    with plan_for("no-gpu").autocast():
+        assert (a @ a).dtype == torch.float32
+    threads = torch.get_num_threads()
+    try:
+        plan_for("no-gpu", "device.device=cpu", "device.threads=1").apply()
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(threads)
+    if not torch.cuda.is_available():
+        with pytest.raises(HetlmError, match="does not have"):
+            plan_for("one-8gb-gpu").apply()
+
+
+@pytest.mark.parametrize("name", ["no-gpu", "one-8gb-gpu", "two-gpus", "apple-mps", "old-gpu", "cpu-no-amx"])
+def test_cli_json_matches_make_plan(cli, name):
+    result = cli("plan", "--inventory", INVENTORIES / f"{name}.json", "--json", "--set", "train.max_steps=50")
+    assert result.code == 0, result.err
+    data = json.loads(result.out)
+    assert data == json.loads(json.dumps(plan_for(name, "train.max_steps=50").to_dict()))
+    assert data["fits"] is True and data["inventory"]["platform"] in ("linux", "darwin")
+
+
+def test_cli_tables(cli, monkeypatch):
+    result = cli("plan", "--inventory", INVENTORIES / "old-gpu.json")
+    assert result.code == 0, result.err
+    for text in ("Inventory", "Tesla T4", "fp16", "grad scaler", "Memory per device", "fits"):
+        assert text in result.out
+    monkeypatch.setenv("HETLM_INVENTORY", str(INVENTORIES / "apple-mps.json"))
+    result = cli("plan", "--workload", "infer")
+    assert result.code == 0 and "Plan: infer on mps" in result.out
+
+
+def test_cli_does_not_fit_still_exits_zero(cli):
+    sets = [arg for key in GPT2_SMALL for arg in ("--set", key)]
+    result = cli("plan", "--inventory", INVENTORIES / "one-8gb-gpu.json", *sets, "--set", "train.micro_batch_size=64")
+    assert result.code == 0
+    assert "does not fit" in result.out and "train.micro_batch_size=" in result.out
+    as_json = cli("plan", "--inventory", INVENTORIES / "one-8gb-gpu.json", *sets, "--set", "train.micro_batch_size=64", "--json")
+    assert json.loads(as_json.out)["fits"] is False
+
+
+def test_cli_errors(cli, tmp_path):
+    result = cli("plan", "--inventory", INVENTORIES / "no-gpu.json", "--set", "device.device=cuda")
+    assert result.code == 2 and "no CUDA device" in result.err and result.out == ""
+    assert len(result.err.strip().splitlines()) == 1
+    result = cli("plan", "--inventory", tmp_path / "nope.json")
+    assert result.code == 2 and "inventory file not found" in result.err
+    result = cli("plan", "--inventory", INVENTORIES / "no-gpu.json", "--workload", "dance")
+    assert result.code == 2 and "workload must be one of" in result.err
