@@ -19,12 +19,17 @@ $(STAMP): pyproject.toml
 
 demo: setup
 	$(BIN)/hetlm preprocess
+	$(BIN)/hetlm build --config configs/tiny.yaml
+	$(BIN)/hetlm train --config configs/tiny.yaml
+	@echo "data: data/python-stdlib (tokenizer.model, train.bin, val.bin, manifest.json)"
+	@echo "run:  runs/tiny (config.yaml, checkpoints/step-*/, metrics.jsonl, loss.png, tensorboard/)"
 
 test: setup
 	$(BIN)/python -m pytest -q
 
 bench: setup
 	$(BIN)/python bench/preprocess.py
+	$(BIN)/python bench/train.py
 
 lint: setup
 	$(BIN)/ruff check hetlm tests bench

@@ -125,7 +125,7 @@ def is_run_dir(path: Path) -> bool:
 
 
 def resolve_checkpoint(target: Path, prefer: str = "best", reporter: Reporter = NullReporter()) -> Path:
-    """A checkpoint folder from a checkpoint folder or a run folder (its best by val loss, else newest)."""
+    """A checkpoint folder from a checkpoint folder or a run folder (its best by val loss, else newest); a bundle as is."""
     target = Path(target)
     if not target.exists():
         raise UsageError(f"{target} does not exist")
@@ -143,6 +143,8 @@ def resolve_checkpoint(target: Path, prefer: str = "best", reporter: Reporter = 
             if scored:
                 return min(scored)[2]
         return checkpoints[-1][1]
+    if (target / "hetlm.json").is_file():
+        return target
     raise UsageError(f"{target} is not a run, checkpoint or bundle")
 
 
@@ -176,8 +178,12 @@ def load_weights(model: Transformer, weights_path: Path) -> None:
 
 def load_checkpoint(target: Path, device: str | torch.device = "cpu", prefer: str = "best",
                     reporter: Reporter = NullReporter()) -> LoadedModel:
-    """Load the model (fp32, eval mode) of a checkpoint or run folder onto ``device``."""
+    """Load the model (fp32, eval mode) of a checkpoint, run or bundle folder onto ``device``."""
     path = resolve_checkpoint(target, prefer, reporter)
+    if (path / "hetlm.json").is_file():
+        from hetlm.deploy import load_bundle  # deploy imports this module
+
+        return load_bundle(path, device)
     manifest = read_manifest(path, verify=False) or {}
     config = load_config_file(path)
     model = Transformer(config.model)

@@ -7,6 +7,7 @@ valid key.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import difflib
 import types
@@ -295,6 +296,10 @@ def _coerce(key: str, value: Any, annotation: Any) -> Any:
     elif annotation is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
+        if isinstance(value, str):
+            # YAML 1.1 reads exponents without a dot (1e-6) as strings.
+            with contextlib.suppress(ValueError):
+                return float(value)
     elif annotation is str:
         if isinstance(value, bool):
             # YAML 1.1 reads on/off/yes/no as booleans; switch-like string keys (device.compile) mean on/off.

@@ -79,3 +79,10 @@ def test_config_show_cli(cli, tmp_path):
     assert "Traceback" not in bad.err
     assert cli("--version").out.startswith("hetlm ")
     assert cli("config", "show", "--bogus").code == 2
+
+
+def test_yaml_1_1_quirks():
+    config = load_config(None, ["model.norm_eps=1e-6", "device.compile=on", "train.learning_rate=3e-4"])
+    assert config.model.norm_eps == 1e-6
+    assert config.device.compile == "on"
+    assert config.train.learning_rate == 3e-4

@@ -1,0 +1,169 @@
+"""Training throughput: plain fp32 eager PyTorch against hetlm's planned training step. Prints JSON.
+
+For each shape, on random tokens:
+  baseline  fp32, eager, torch.optim.AdamW defaults, batches drawn inline (a nanoGPT-style loop);
+  planned   what `hetlm train` runs: the planner's dtype, compile choice and threads, AdamW fused where
+            available, the background prefetch loader and the sync-free TrainStep.
+MFU counts 6 x parameters + attention FLOPs per token (hetlm.model.flops_per_token) against both the
+planner's peak and a matmul peak measured in this run, for the dtype each mode computes in.
+
+    .venv/bin/python bench/train.py [--shapes baby,10m] [--steps 30] [--warmup 5] [--vocab 4096]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import time
+
+import numpy as np
+import torch
+
+from hetlm.config import load_config
+from hetlm.data import PrefetchLoader, sample_windows
+from hetlm.model import Transformer, flops_per_token, parameter_counts
+from hetlm.planner import detect_inventory, make_plan
+from hetlm.train import TrainStep, make_optimizer
+
+SHAPES = {
+    # nanoGPT's CPU "baby" run: 0.8M parameters at vocab 65.
+    "baby": {"n_layers": 4, "n_heads": 4, "d_model": 128, "context_length": 64, "batch": 12},
+    # nanoGPT's shakespeare-char GPU shape, about 10M parameters.
+    "10m": {"n_layers": 6, "n_heads": 6, "d_model": 384, "context_length": 256, "batch": 16},
+}
+
+
+def matmul_peak(dtype: torch.dtype, seconds: float, n: int = 2048) -> float:
+    """FLOP/s of square matmuls in ``dtype`` on this process's threads."""
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    for _ in range(2):
+        a @ b
+    reps, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        a @ b
+        reps += 1
+    return 2 * n**3 * reps / (time.perf_counter() - start)
+
+
+def timed(step, warmup: int, steps: int) -> tuple[float, float]:
+    """(seconds for ``steps`` steps after ``warmup`` untimed ones, seconds of the warmup)."""
+    start = time.perf_counter()
+    for _ in range(warmup):
+        step()
+    warm = time.perf_counter() - start
+    start = time.perf_counter()
+    for _ in range(steps):
+        step()
+    return time.perf_counter() - start, warm
+
+
+def baseline(config, tokens: np.ndarray, batch: int, warmup: int, steps: int) -> tuple[float, float]:
+    torch.manual_seed(0)
+    model = Transformer(config.model).train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    generator = torch.Generator().manual_seed(0)
+    T = config.model.context_length
+
+    def step() -> None:
+        windows = sample_windows(tokens, batch, T + 1, generator)
+        _, loss = model(windows[:, :-1], windows[:, 1:])
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    return timed(step, warmup, steps)
+
+
+def planned(config, plan, tokens: np.ndarray, batch: int, warmup: int, steps: int) -> tuple[float, float]:
+    torch.manual_seed(0)
+    device = plan.torch_device
+    model = Transformer(config.model).to(device).train()
+    optimizer = make_optimizer(model, config.train, device)
+    scaler = torch.amp.GradScaler(device.type, enabled=plan.grad_scaler)
+    step_model = torch.compile(model) if plan.compile else model
+    stepper = TrainStep(model, optimizer, scaler, plan, config.train, step_model=step_model)
+    T = config.model.context_length
+    loader = PrefetchLoader(tokens, batch, T + 1, torch.Generator().manual_seed(0), prefetch=plan.prefetch,
+                            device=device, pin_memory=plan.pin_memory, non_blocking=plan.non_blocking)
+    counter = iter(range(10**9))
+
+    def step() -> None:
+        stepper(next(counter), loader)
+
+    def synced(run_steps: int) -> float:
+        start = time.perf_counter()
+        for _ in range(run_steps):
+            step()
+        stepper.read()  # waits for the device
+        return time.perf_counter() - start
+
+    try:
+        warm = synced(warmup)
+        return synced(steps), warm
+    finally:
+        loader.close()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--shapes", default="baby,10m", help="comma-separated: " + ", ".join(SHAPES))
+    parser.add_argument("--steps", type=int, default=30, help="timed steps per mode")
+    parser.add_argument("--warmup", type=int, default=5, help="untimed steps first (compilation happens here)")
+    parser.add_argument("--vocab", type=int, default=4096)
+    parser.add_argument("--compile", default="auto", choices=("auto", "on", "off"), help="device.compile for the planned mode")
+    parser.add_argument("--threads", type=int, default=0, help="device.threads (0: the planner's choice)")
+    parser.add_argument("--peak-seconds", type=float, default=1.0, help="time spent measuring each matmul peak")
+    args = parser.parse_args()
+
+    inventory = detect_inventory()
+    tokens = np.random.default_rng(0).integers(0, args.vocab, 1_000_000, dtype=np.int64).astype(np.uint16)
+    report = {
+        "benchmark": "train",
+        "torch": torch.__version__,
+        "machine": f"{inventory.cpu.model_name}, {inventory.cpu.cores} cores, {platform.system()}",
+        "note": "CPU figures from a machine whose 2 cores were shared with other processes are noisy",
+        "shapes": {},
+    }
+    peaks: dict[tuple[str, int], float] = {}
+    for name in args.shapes.split(","):
+        shape = dict(SHAPES[name])
+        batch = shape.pop("batch")
+        overrides = [f"model.{k}={v}" for k, v in shape.items()] + [
+            f"model.vocab_size={args.vocab}", f"data.vocab_size={args.vocab}", f"train.micro_batch_size={batch}",
+            f"device.compile={args.compile}", f"device.threads={args.threads}",
+        ]
+        config = load_config(None, overrides)
+        plan = make_plan(inventory, config, "train")
+        plan.apply()
+        fpt = flops_per_token(config.model)
+        tokens_per_step = batch * config.model.context_length
+        entry = {"params": parameter_counts(config.model)["total"], "flops_per_token": fpt, "batch": batch,
+                 "threads": plan.threads, "plan_peak_flops": plan.peak_flops}
+        for mode, dtype in (("baseline", "fp32"), ("planned", plan.dtype)):
+            key = (dtype, plan.threads)
+            if key not in peaks and plan.torch_device.type == "cpu":
+                peaks[key] = matmul_peak(torch.bfloat16 if dtype == "bf16" else torch.float32, args.peak_seconds)
+            if mode == "baseline":
+                seconds, warm = baseline(config, tokens, batch, args.warmup, args.steps)
+                label = "fp32 eager, AdamW default (foreach), inline batches"
+            else:
+                seconds, warm = planned(config, plan, tokens, batch, args.warmup, args.steps)
+                probe = make_optimizer(torch.nn.Linear(1, 1), config.train, plan.torch_device)
+                fused = "fused" if probe.param_groups[0].get("fused") else "foreach"
+                label = f"{plan.dtype} on {plan.device}, compile {'on' if plan.compile else 'off'}, AdamW {fused}, prefetch thread"
+            rate = args.steps * tokens_per_step / seconds
+            result = {"mode": label, "tokens_per_s": round(rate), "step_ms": round(1000 * seconds / args.steps, 2),
+                      "warmup_s": round(warm, 2), "mfu_vs_plan_peak": round(rate * fpt / plan.peak_flops, 4)}
+            if key in peaks:
+                result["measured_matmul_peak_gflops"] = round(peaks[key] / 1e9, 1)
+                result["mfu_vs_measured_peak"] = round(rate * fpt / peaks[key], 4)
+            entry[mode] = result
+        entry["speedup"] = round(entry["planned"]["tokens_per_s"] / entry["baseline"]["tokens_per_s"], 3)
+        report["shapes"][name] = entry
+    print(json.dumps(report, indent=2))
+
+
+if __name__ == "__main__":
+    main()

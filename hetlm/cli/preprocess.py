@@ -1,0 +1,96 @@
+"""``hetlm preprocess``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any, Optional
+
+import typer
+from rich.markup import escape
+from rich.table import Table
+
+from hetlm.cli.app import app
+from hetlm.cli.options import ConfigOption, SetOption
+from hetlm.cli.render import RichReporter, stderr, stdout
+from hetlm.config import load_config
+from hetlm.preprocess import BUILTIN_CORPUS, default_preprocess_workers, preprocess
+
+
+@app.command("preprocess")
+def preprocess_cmd(
+    inputs: Annotated[
+        Optional[list[str]],
+        typer.Argument(
+            help="Files, folders (recursive) and glob patterns: plain text of any extension, .jsonl, and .gz of "
+            f"either. None: the built-in corpus {BUILTIN_CORPUS} (this Python's standard library source and docs).",
+            show_default=False,
+        ),
+    ] = None,
+    out: Annotated[
+        Optional[Path],
+        typer.Option("--out", "-o", help="Output folder (default: data/<name of the first input>).", show_default=False),
+    ] = None,
+    vocab_size: Annotated[
+        Optional[int],
+        typer.Option("--vocab-size", help="Tokenizer vocabulary size (data.vocab_size, default 4096).", show_default=False),
+    ] = None,
+    tokenizer: Annotated[
+        Optional[str], typer.Option("--tokenizer", help="bpe or unigram (data.tokenizer, default bpe).", show_default=False)
+    ] = None,
+    val_fraction: Annotated[
+        Optional[float],
+        typer.Option("--val-fraction", help="Share of the text held out for validation (data.val_fraction, default 0.01).",
+                     show_default=False),
+    ] = None,
+    workers: Annotated[
+        Optional[int],
+        typer.Option("--workers", "-j", help="Encoding processes (data.workers; default 0 = every CPU).", show_default=False),
+    ] = None,
+    text_field: Annotated[
+        Optional[str], typer.Option("--text-field", help="JSONL field holding the text (data.text_field, default text).",
+                                    show_default=False)
+    ] = None,
+    force: Annotated[bool, typer.Option("--force", "-f", help="Redo the work even if the folder is up to date.")] = False,
+    config: ConfigOption = None,
+    set_: SetOption = None,
+) -> None:
+    """Train a lossless tokenizer on your text and write the train/val token streams.
+
+    Writes DIR/tokenizer.model, train.bin, val.bin, config.yaml and manifest.json, and prints DIR on stdout.
+    """
+    resolved = load_config(config, set_ or [])
+    data = resolved.data
+    for key, value in (("vocab_size", vocab_size), ("tokenizer", tokenizer), ("val_fraction", val_fraction),
+                       ("workers", workers), ("text_field", text_field)):
+        if value is not None:
+            setattr(data, key, value)
+    data.validate()
+    with RichReporter(stderr) as reporter:
+        result = preprocess(resolved, inputs or [], out, workers=data.workers or default_preprocess_workers(),
+                            force=force, reporter=reporter)
+    stderr.print(summary_table(result.manifest))
+    if skipped := result.manifest.get("skipped"):
+        stderr.print("skipped: " + escape(", ".join(f"{n} {reason}" for reason, n in skipped.items())), highlight=False)
+    if not result.up_to_date:
+        timings = result.manifest.get("timings", {})
+        stderr.print(f"wrote {escape(str(result.out))} in {timings.get('total_s', 0):.1f} s "
+                     f"(read {timings.get('read_s', 0):.1f} s, tokenizer {timings.get('tokenizer_s', 0):.1f} s, "
+                     f"encode {timings.get('encode_s', 0):.1f} s)", highlight=False)
+    stdout.print(escape(str(result.out)), highlight=False)
+
+
+def summary_table(manifest: dict[str, Any]) -> Table:
+    tok = manifest["tokenizer"]
+    table = Table(title=f"{manifest.get('corpus', '')}: {tok['type']} tokenizer, vocabulary {tok['vocab_size']:,}, "
+                        f"{manifest['split']['method']} split", title_justify="left")
+    for column in ("split", "documents", "bytes", "tokens", "bytes/token"):
+        table.add_column(column, justify="left" if column == "split" else "right")
+    totals = {"documents": 0, "bytes": 0, "tokens": 0}
+    rows = list(manifest["splits"].items())
+    for _, entry in rows:
+        for key in totals:
+            totals[key] += entry[key]
+    for name, entry in [*rows, ("total", totals)]:
+        ratio = entry["bytes"] / entry["tokens"] if entry["tokens"] else 0.0
+        table.add_row(name, f"{entry['documents']:,}", f"{entry['bytes']:,}", f"{entry['tokens']:,}", f"{ratio:.2f}")
+    return table

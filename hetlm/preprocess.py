@@ -1,0 +1,874 @@
+"""``hetlm preprocess``: text files in, a lossless tokenizer and token streams out.
+
+The corpus is read three times and never held in memory: a scan counts documents and decides the
+train/val split, a second pass draws a bounded sample of the train split for the tokenizer, and a
+third encodes every document in worker processes and streams the tokens to disk.
+
+Output folder: ``tokenizer.model``, ``train.bin`` and ``val.bin`` (little-endian uint16 or uint32
+token ids; every document is ``<s>`` + ids + ``</s>``), ``config.yaml`` and, written last,
+``manifest.json``. A folder without a manifest is unfinished and is rebuilt by the next run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import glob
+import gzip
+import hashlib
+import itertools
+import json
+import math
+import multiprocessing
+import os
+import re
+import shutil
+import signal
+import stat
+import struct
+import sys
+import sysconfig
+import tempfile
+import time
+import zlib
+from collections import Counter, deque
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import sentencepiece as spm
+
+from hetlm import __version__
+from hetlm.config import Config, DataConfig, save_config
+from hetlm.errors import HetlmError, UsageError
+from hetlm.io import atomic_write_json, fsync_dir, sha256_file
+from hetlm.reporting import NullReporter, Reporter
+from hetlm.tokenizer import (
+    BOS_ID,
+    EOS_ID,
+    Tokenizer,
+    encode_batch,
+    tokenizer_settings,
+    train_tokenizer,
+    training_sentences,
+)
+
+FORMAT_VERSION = 1
+BUILTIN_CORPUS = "python-stdlib"
+MANIFEST = "manifest.json"
+TOKENIZER_FILE = "tokenizer.model"
+SPLITS = ("train", "val")
+TRAIN, VAL = 0, 1
+
+JSONL_SUFFIXES = (".jsonl", ".ndjson")
+STDLIB_SUFFIXES = (".py", ".rst", ".txt")
+STDLIB_EXCLUDED_DIRS = frozenset({"test", "tests", "idle_test", "site-packages", "dist-packages", "__pycache__"})
+# A NUL byte in the first block marks a binary file; UTF-8 text practically never holds one.
+SNIFF_BYTES = 8192
+# A document longer than this (characters) is encoded in pieces cut at line ends, so one huge file
+# still spreads over every worker. Each worker task carries about CHUNK_CHARS characters.
+SEGMENT_CHARS = 1 << 20
+CHUNK_CHARS = 1 << 20
+# Below this many bytes, starting worker processes costs more than it saves.
+PARALLEL_MIN_BYTES = 4 << 20
+# In tail mode the val part starts at a line start if one lies this close after the cut.
+TAIL_LINE_SEARCH = 4096
+MAX_LISTED_SKIPS = 1000
+
+_BOS, _EOS = 1, 2
+
+
+def default_preprocess_workers() -> int:
+    """Worker processes when --workers is 0: every CPU this process may run on."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # macOS and Windows
+        return max(1, os.cpu_count() or 1)
+
+
+# --------------------------------------------------------------------------- inputs
+
+
+@dataclass
+class Source:
+    path: Path
+    kind: str  # "text" or "jsonl"
+    gz: bool
+    size: int
+    mtime_ns: int
+
+
+@dataclass
+class Inventory:
+    sources: list[Source] = field(default_factory=list)
+    skipped: Counter = field(default_factory=Counter)
+    skipped_files: list[dict[str, str]] = field(default_factory=list)
+
+    def skip(self, path: Path | str, reason: str) -> None:
+        self.skipped[reason] += 1
+        if len(self.skipped_files) < MAX_LISTED_SKIPS:
+            self.skipped_files.append({"path": str(path), "reason": reason})
+
+
+def _source_kind(name: str) -> tuple[str, bool]:
+    lower = name.lower()
+    gz = lower.endswith(".gz")
+    if gz:
+        lower = lower[:-3]
+    return ("jsonl" if lower.endswith(JSONL_SUFFIXES) else "text"), gz
+
+
+class _Discovery:
+    """Collects regular files from paths, folders and globs; each real file once, no link loops."""
+
+    def __init__(self, exclude_dir: Path | None, suffixes: tuple[str, ...] | None = None,
+                 excluded_dirs: frozenset[str] = frozenset()) -> None:
+        self.inventory = Inventory()
+        # (device, inode) -> the path it was first read under.
+        self.seen_files: dict[tuple[int, int], str] = {}
+        self.seen_dirs: set[tuple[int, int]] = set()
+        self.suffixes = suffixes
+        self.excluded_dirs = excluded_dirs
+        if exclude_dir is not None and exclude_dir.is_dir():
+            # The output folder may sit inside an input folder; its own files are not input.
+            st = exclude_dir.stat()
+            self.seen_dirs.add((st.st_dev, st.st_ino))
+
+    def add_input(self, raw: str) -> None:
+        if glob.has_magic(raw):
+            matches = sorted(glob.glob(raw, recursive=True))
+            if not matches:
+                raise UsageError(f"no files match {raw!r}")
+        else:
+            if not os.path.exists(raw):
+                raise UsageError(f"input not found: {raw}")
+            matches = [raw]
+        for match in matches:
+            path = Path(match)
+            if path.is_dir():
+                self.walk(path)
+            else:
+                self.add_file(path)
+
+    def walk(self, root: Path) -> None:
+        stack = [root]
+        while stack:
+            folder = stack.pop()
+            try:
+                st = folder.stat()
+                key = (st.st_dev, st.st_ino)
+                if key in self.seen_dirs:
+                    if folder.is_symlink():
+                        self.inventory.skip(folder, "duplicate")
+                    continue
+                self.seen_dirs.add(key)
+                entries = sorted(os.scandir(folder), key=lambda e: e.name)
+            except OSError:
+                self.inventory.skip(folder, "unreadable")
+                continue
+            subfolders = []
+            for entry in entries:
+                if entry.name.startswith("."):
+                    continue
+                path = Path(entry.path)
+                try:
+                    is_dir = entry.is_dir()
+                except OSError:
+                    is_dir = False
+                if is_dir:
+                    if entry.name not in self.excluded_dirs:
+                        subfolders.append(path)
+                elif self.suffixes is None or entry.name.endswith(self.suffixes):
+                    self.add_file(path)
+            # Reversed so the stack pops folders in sorted order.
+            stack.extend(reversed(subfolders))
+
+    def add_file(self, path: Path) -> None:
+        try:
+            st = path.stat()
+        except FileNotFoundError:
+            self.inventory.skip(path, "broken symlink")
+            return
+        except OSError:
+            self.inventory.skip(path, "unreadable")
+            return
+        if not stat.S_ISREG(st.st_mode):
+            self.inventory.skip(path, "not a regular file")
+            return
+        key = (st.st_dev, st.st_ino)
+        if key in self.seen_files:
+            # The same path met twice (a file inside a folder also given, or matched by "**") is no
+            # news; another name for the same file (a symlink or hard link) is counted.
+            if self.seen_files[key] != os.path.abspath(path):
+                self.inventory.skip(path, "duplicate")
+            return
+        self.seen_files[key] = os.path.abspath(path)
+        kind, gz = _source_kind(path.name)
+        self.inventory.sources.append(Source(path, kind, gz, st.st_size, st.st_mtime_ns))
+
+
+def stdlib_root() -> Path:
+    return Path(sysconfig.get_paths()["stdlib"])
+
+
+def discover(inputs: Sequence[str], exclude_dir: Path | None = None) -> Inventory:
+    """Every input file, in a stable order; no inputs means the built-in ``python-stdlib`` corpus."""
+    if not inputs:
+        finder = _Discovery(exclude_dir, STDLIB_SUFFIXES, STDLIB_EXCLUDED_DIRS)
+        finder.walk(stdlib_root())
+        return finder.inventory
+    finder = _Discovery(exclude_dir)
+    for raw in inputs:
+        finder.add_input(str(raw))
+    return finder.inventory
+
+
+def corpus_name(inputs: Sequence[str]) -> str:
+    """Folder name under data/: the first input's name without extensions, or ``python-stdlib``."""
+    if not inputs:
+        return BUILTIN_CORPUS
+    parts = []
+    for part in Path(str(inputs[0])).parts:
+        if glob.has_magic(part):
+            break
+        parts.append(part)
+    path = Path(*parts) if parts else Path.cwd()
+    name = path.name if path.name not in ("", ".", "..") else path.resolve().name
+    if name.lower().endswith(".gz"):
+        name = name[:-3]
+    if "." in name.lstrip("."):
+        name = name[: name.rfind(".")]
+    name = re.sub(r"[^\w.-]+", "-", name).strip(".-")
+    return name or "corpus"
+
+
+def resolve_out_dir(data: DataConfig, inputs: Sequence[str], out: str | Path | None = None) -> Path:
+    """--out wins; then data.dir when the config changed it; else data/<corpus name>."""
+    if out is not None:
+        return Path(out)
+    if data.dir != DataConfig().dir:
+        return Path(data.dir)
+    return Path("data") / corpus_name(inputs)
+
+
+# --------------------------------------------------------------------------- documents
+
+
+class _SkipFile(Exception):
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+def _open(source: Source):
+    return gzip.open(source.path, "rb") if source.gz else open(source.path, "rb")
+
+
+_READ_ERRORS = (OSError, EOFError, zlib.error)
+
+
+def _read_error_reason(exc: BaseException, source: Source) -> str:
+    if isinstance(exc, PermissionError):
+        return "unreadable"
+    if source.gz and isinstance(exc, (gzip.BadGzipFile, EOFError, zlib.error)):
+        return "bad gzip"
+    return "unreadable"
+
+
+def _text_document(source: Source) -> tuple[str, bytes]:
+    try:
+        with _open(source) as handle:
+            data = handle.read()
+    except _READ_ERRORS as exc:
+        raise _SkipFile(_read_error_reason(exc, source)) from None
+    if not data:
+        raise _SkipFile("empty")
+    if b"\0" in data[:SNIFF_BYTES]:
+        raise _SkipFile("binary")
+    try:
+        return data.decode("utf-8"), data
+    except UnicodeDecodeError:
+        raise _SkipFile("not UTF-8") from None
+
+
+def _jsonl_documents(source: Source, text_field: str, skipped: Counter) -> Iterator[tuple[str, bytes]]:
+    try:
+        with _open(source) as handle:
+            first = True
+            for line in handle:
+                if first:
+                    if b"\0" in line[:SNIFF_BYTES]:
+                        raise _SkipFile("binary")
+                    line = line.removeprefix(b"\xef\xbb\xbf")  # json.loads rejects a UTF-8 byte order mark
+                    first = False
+                if not line.strip():
+                    continue
+                try:
+                    record = json.loads(line)
+                except UnicodeDecodeError:
+                    skipped["JSONL record not UTF-8"] += 1
+                    continue
+                except ValueError:
+                    skipped["JSONL record not JSON"] += 1
+                    continue
+                text = record.get(text_field) if isinstance(record, dict) else None
+                if not isinstance(text, str):
+                    skipped[f"JSONL record without a {text_field!r} string"] += 1
+                    continue
+                if not text:
+                    skipped["JSONL record with empty text"] += 1
+                    continue
+                try:
+                    raw = text.encode("utf-8")
+                except UnicodeEncodeError:  # lone surrogates from \ud800-style escapes
+                    skipped["JSONL record not UTF-8"] += 1
+                    continue
+                yield text, raw
+            if first:
+                raise _SkipFile("empty")
+    except _READ_ERRORS as exc:
+        raise _SkipFile(_read_error_reason(exc, source)) from None
+
+
+def iter_documents(source: Source, text_field: str, skipped: Counter) -> Iterator[tuple[str, bytes]]:
+    """(text, its UTF-8 bytes) for each document of ``source``: the whole file, or each JSONL record.
+
+    Raises _SkipFile when the file as a whole is unusable; skipped JSONL records are counted in
+    ``skipped`` and left out.
+    """
+    if source.kind == "jsonl":
+        yield from _jsonl_documents(source, text_field, skipped)
+    else:
+        yield _text_document(source)
+
+
+def _unit_interval(data: bytes, key: bytes) -> float:
+    digest = hashlib.blake2b(data, digest_size=8, key=key).digest()
+    return int.from_bytes(digest, "little") / 2.0**64
+
+
+@dataclass
+class Split:
+    """How documents are divided: by a hash of their text, or (few documents) by each one's tail."""
+
+    method: str  # "hash" or "tail"
+    val_fraction: float
+    seed: int
+    # In hash mode with no document under val_fraction, the one with the smallest hash goes to val.
+    forced_val: float | None = None
+
+    @property
+    def key(self) -> bytes:
+        return struct.pack("<q", self.seed)
+
+    def parts(self, text: str, raw: bytes) -> list[tuple[int, str]]:
+        if self.method == "hash":
+            u = _unit_interval(raw, self.key)
+            return [(VAL if u < self.val_fraction or u == self.forced_val else TRAIN, text)]
+        return [(split, part) for split, part in zip((TRAIN, VAL), tail_split(text, self.val_fraction), strict=True) if part]
+
+    def describe(self) -> dict[str, Any]:
+        return {"method": self.method, "val_fraction": self.val_fraction, "seed": self.seed}
+
+
+def tail_split(text: str, val_fraction: float) -> tuple[str, str]:
+    """Head and tail of ``text``, the tail about ``val_fraction`` of its characters, from a line start if near."""
+    size = len(text)
+    if size < 2:
+        return text, ""
+    cut = min(max(int(size * (1.0 - val_fraction)), 1), size - 1)
+    newline = text.find("\n", cut - 1, min(cut + TAIL_LINE_SEARCH, size - 1))
+    if newline >= 0:
+        cut = newline + 1
+    return text[:cut], text[cut:]
+
+
+# --------------------------------------------------------------------------- pass 1: scan
+
+
+@dataclass
+class Scan:
+    sources: list[Source]
+    source_info: list[dict[str, Any]]
+    documents: int
+    bytes: int
+    split: Split
+    train_bytes: int
+
+
+def _scan(inventory: Inventory, data: DataConfig, reporter: Reporter) -> Scan:
+    """Read everything once: skip what is not text, hash sources, count documents, choose the split."""
+    key = struct.pack("<q", data.seed)
+    accepted: list[Source] = []
+    info: list[dict[str, Any]] = []
+    documents = total = val_docs = val_bytes = 0
+    min_u, min_count, min_bytes = 2.0, 0, 0
+    reporter.start("read", total=sum(s.size for s in inventory.sources), unit="B")
+    for source in inventory.sources:
+        docs = doc_bytes = 0
+        try:
+            for _, raw in iter_documents(source, data.text_field, inventory.skipped):
+                docs += 1
+                doc_bytes += len(raw)
+                u = _unit_interval(raw, key)
+                if u < data.val_fraction:
+                    val_docs += 1
+                    val_bytes += len(raw)
+                if u < min_u:
+                    min_u, min_count, min_bytes = u, 1, len(raw)
+                elif u == min_u:
+                    min_count += 1
+        except _SkipFile as skip:
+            if docs == 0:
+                inventory.skip(source.path, skip.reason)
+            else:
+                # A stream broken part-way: what was read before the break is kept, in every pass.
+                inventory.skipped[skip.reason] += 1
+        if docs:
+            accepted.append(source)
+            info.append({"path": str(source.path), "bytes": source.size, "sha256": sha256_file(source.path),
+                         "documents": docs})
+            documents += docs
+            total += doc_bytes
+        reporter.advance("read", source.size)
+    reporter.finish("read")
+
+    if documents == 0:
+        counts = ", ".join(f"{n} {reason}" for reason, n in inventory.skipped.most_common()) or "no files"
+        raise UsageError(f"no usable text in the input ({counts})")
+
+    split = Split("hash", data.val_fraction, data.seed)
+    train_bytes = total - val_bytes
+    if val_docs == 0:
+        split.forced_val = min_u
+        val_docs, train_bytes = min_count, total - min_bytes * min_count
+    if documents < math.ceil(1.0 / data.val_fraction) or val_docs >= documents:
+        split = Split("tail", data.val_fraction, data.seed)
+        train_bytes = int(total * (1.0 - data.val_fraction))
+    return Scan(accepted, info, documents, total, split, train_bytes)
+
+
+# --------------------------------------------------------------------------- pass 2: tokenizer
+
+
+def _train_documents(scan: Scan, text_field: str) -> Iterator[tuple[int, int, str]]:
+    """(source number, document number, train text) for each document's train part."""
+    ignored: Counter = Counter()
+    for number, source in enumerate(scan.sources):
+        try:
+            for doc, (text, raw) in enumerate(iter_documents(source, text_field, ignored)):
+                for split, part in scan.split.parts(text, raw):
+                    if split == TRAIN:
+                        yield number, doc, part
+        except _SkipFile:
+            pass
+
+
+def _tokenizer_sample(scan: Scan, data: DataConfig, reporter: Reporter) -> Iterator[str]:
+    """Training sentences drawn from the train split, about ``tokenizer_sample_bytes`` of them.
+
+    Each sentence is kept with a probability set by a hash of its position, so the sample is spread
+    over the whole corpus, is the same on every run, and stops at the byte budget.
+    """
+    rate = data.tokenizer_sample_bytes / max(scan.train_bytes, 1)
+    key = struct.pack("<q", data.seed)
+    taken = 0
+    for number, doc, text in _train_documents(scan, data.text_field):
+        for index, sentence in enumerate(training_sentences(text)):
+            if rate < 1.0 and _unit_interval(struct.pack("<QQQ", number, doc, index), key) >= rate:
+                continue
+            size = len(sentence.encode("utf-8"))
+            if taken + size > data.tokenizer_sample_bytes:
+                return
+            taken += size
+            reporter.advance("tokenizer", size)
+            yield sentence
+
+
+# --------------------------------------------------------------------------- pass 3: encode
+
+_worker: tuple[spm.SentencePieceProcessor, np.dtype] | None = None
+
+
+def _init_worker(model_proto: bytes, dtype: str) -> None:
+    # Ctrl-C reaches the whole process group; the parent alone handles it and stops the pool.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    global _worker
+    processor = spm.SentencePieceProcessor()
+    processor.LoadFromSerializedProto(model_proto)
+    _worker = (processor, np.dtype(dtype))
+
+
+def _encode_in_worker(segments: list[tuple[int, str, int]]) -> tuple[np.ndarray, np.ndarray]:
+    assert _worker is not None
+    return encode_segments(_worker[0], _worker[1], segments)
+
+
+def encode_segments(processor: spm.SentencePieceProcessor, dtype: np.dtype,
+                    segments: list[tuple[int, str, int]]) -> tuple[np.ndarray, np.ndarray]:
+    """Token arrays (train, val) for (split, text, flags) segments; flags add <s> and </s>."""
+    encoded = encode_batch(processor, [text for _, text, _ in segments])
+    pieces: tuple[list[list[int]], list[list[int]]] = ([], [])
+    for (split, _, flags), ids in zip(segments, encoded, strict=True):
+        if flags & _BOS:
+            pieces[split].append([BOS_ID])
+        pieces[split].append(ids)
+        if flags & _EOS:
+            pieces[split].append([EOS_ID])
+    return tuple(  # type: ignore[return-value]
+        np.fromiter(itertools.chain.from_iterable(p), dtype=dtype, count=sum(map(len, p))) for p in pieces
+    )
+
+
+def _segments(text: str) -> Iterator[tuple[str, int]]:
+    """A document as pieces of about SEGMENT_CHARS, cut after a newline where there is one."""
+    size = len(text)
+    if size <= SEGMENT_CHARS:
+        yield text, _BOS | _EOS
+        return
+    start = 0
+    while start < size:
+        end = start + SEGMENT_CHARS
+        if end >= size:
+            end = size
+        else:
+            newline = text.find("\n", end, end + SEGMENT_CHARS // 4)
+            if newline >= 0:
+                end = newline + 1
+        yield text[start:end], (_BOS if start == 0 else 0) | (_EOS if end == size else 0)
+        start = end
+
+
+@dataclass
+class _Totals:
+    documents: list[int] = field(default_factory=lambda: [0, 0])
+    bytes: list[int] = field(default_factory=lambda: [0, 0])
+    tokens: list[int] = field(default_factory=lambda: [0, 0])
+
+
+def _chunks(scan: Scan, text_field: str, totals: _Totals) -> Iterator[tuple[list[tuple[int, str, int]], int]]:
+    """Worker tasks of about CHUNK_CHARS characters, with the corpus bytes each one covers."""
+    ignored: Counter = Counter()
+    chunk: list[tuple[int, str, int]] = []
+    chars = nbytes = 0
+    for source in scan.sources:
+        try:
+            for text, raw in iter_documents(source, text_field, ignored):
+                for split, part in scan.split.parts(text, raw):
+                    part_bytes = len(raw) if part is text else len(part.encode("utf-8"))
+                    totals.documents[split] += 1
+                    totals.bytes[split] += part_bytes
+                    nbytes += part_bytes
+                    for segment, flags in _segments(part):
+                        chunk.append((split, segment, flags))
+                        chars += len(segment)
+                        if chars >= CHUNK_CHARS:
+                            yield chunk, nbytes
+                            chunk, chars, nbytes = [], 0, 0
+        except _SkipFile:
+            pass
+    if chunk:
+        yield chunk, nbytes
+
+
+def _encode(scan: Scan, data: DataConfig, tokenizer: Tokenizer, dtype: np.dtype, paths: tuple[Path, Path],
+            workers: int, parallel_min_bytes: int, reporter: Reporter) -> _Totals:
+    totals = _Totals()
+    reporter.start("encode", total=scan.bytes, unit="B")
+    with open(paths[TRAIN], "wb") as train_file, open(paths[VAL], "wb") as val_file:
+        files = (train_file, val_file)
+
+        def write(arrays: tuple[np.ndarray, np.ndarray], nbytes: int) -> None:
+            for split, array in enumerate(arrays):
+                if array.size:
+                    array.tofile(files[split])
+                    totals.tokens[split] += int(array.size)
+            reporter.advance("encode", nbytes)
+
+        tasks = _chunks(scan, data.text_field, totals)
+        if workers <= 1 or scan.bytes < parallel_min_bytes:
+            for segments, nbytes in tasks:
+                write(encode_segments(tokenizer.processor, dtype, segments), nbytes)
+        else:
+            _encode_parallel(tasks, tokenizer, dtype, workers, write)
+        for handle in files:
+            handle.flush()
+            os.fsync(handle.fileno())
+    reporter.finish("encode")
+    return totals
+
+
+def _pool_context() -> multiprocessing.context.BaseContext:
+    # fork starts workers without re-importing anything; the workers only run SentencePiece and
+    # numpy, so the parent's threads (progress display) do not matter. Elsewhere, spawn.
+    methods = multiprocessing.get_all_start_methods()
+    return multiprocessing.get_context("fork" if sys.platform == "linux" and "fork" in methods else "spawn")
+
+
+def _encode_parallel(tasks: Iterator, tokenizer: Tokenizer, dtype: np.dtype, workers: int, write) -> None:
+    """Encode tasks in worker processes, writing results in order, with a bounded number in flight.
+
+    Pool.imap would read the whole corpus ahead into its queue; submitting a few tasks per worker
+    at a time keeps memory flat whatever the corpus size.
+    """
+    in_flight = 2 * workers
+    with _pool_context().Pool(workers, initializer=_init_worker, initargs=(tokenizer.model_proto, dtype.str)) as pool:
+        pending: deque = deque()
+        for segments, nbytes in tasks:
+            pending.append((pool.apply_async(_encode_in_worker, (segments,)), nbytes))
+            if len(pending) >= in_flight:
+                result, done = pending.popleft()
+                write(result.get(), done)
+        while pending:
+            result, done = pending.popleft()
+            write(result.get(), done)
+
+
+# --------------------------------------------------------------------------- output folder
+
+
+def _check_writable(out: Path) -> None:
+    """Fail before any work if ``out`` cannot become a folder we can write to."""
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"output path is a file: {out}")
+    probe = out
+    while not probe.exists():
+        if probe.parent == probe:
+            break
+        probe = probe.parent
+    if not probe.is_dir():
+        raise UsageError(f"cannot create output folder {out}: {probe} is a file")
+    try:
+        with tempfile.TemporaryFile(dir=probe):
+            pass
+    except OSError as exc:
+        raise UsageError(f"cannot write to {probe}: {exc.strerror or exc}") from None
+
+
+def _make_dirs(out: Path) -> list[Path]:
+    """Create ``out`` and missing parents; return those created, deepest first, for cleanup."""
+    created = []
+    probe = out
+    while not probe.exists():
+        created.append(probe)
+        probe = probe.parent
+    out.mkdir(parents=True, exist_ok=True)
+    return created
+
+
+def dtype_for(vocab_size: int) -> np.dtype:
+    return np.dtype("<u2") if vocab_size <= 1 << 16 else np.dtype("<u4")
+
+
+def _fingerprint(inventory: Inventory, data: DataConfig, inputs: Sequence[str]) -> str:
+    """What decides the output: the input files (path, size, mtime) and the settings."""
+    settings = {
+        "format_version": FORMAT_VERSION,
+        "inputs": list(inputs) or [BUILTIN_CORPUS],
+        "files": [[str(s.path), s.size, s.mtime_ns] for s in inventory.sources],
+        "vocab_size": data.vocab_size,
+        "tokenizer": data.tokenizer,
+        "val_fraction": data.val_fraction,
+        "text_field": data.text_field,
+        "tokenizer_sample_bytes": data.tokenizer_sample_bytes,
+        "seed": data.seed,
+    }
+    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()
+
+
+def _up_to_date(out: Path, fingerprint: str) -> dict[str, Any] | None:
+    try:
+        manifest = json.loads((out / MANIFEST).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if not isinstance(manifest, dict) or manifest.get("fingerprint") != fingerprint:
+        return None
+    try:
+        itemsize = np.dtype(manifest["dtype"]).itemsize
+        for split in SPLITS:
+            entry = manifest["splits"][split]
+            if (out / entry["file"]).stat().st_size != entry["tokens"] * itemsize:
+                return None
+        if not (out / TOKENIZER_FILE).is_file():
+            return None
+    except (KeyError, TypeError, OSError):
+        return None
+    return manifest
+
+
+# --------------------------------------------------------------------------- the stage
+
+
+@dataclass
+class PreprocessResult:
+    out: Path
+    manifest: dict[str, Any]
+    # True when the folder already held the same work and nothing was redone.
+    up_to_date: bool = False
+
+
+def preprocess(
+    config: Config,
+    inputs: Sequence[str] = (),
+    out: str | Path | None = None,
+    *,
+    workers: int = 0,
+    force: bool = False,
+    reporter: Reporter | None = None,
+    parallel_min_bytes: int = PARALLEL_MIN_BYTES,
+) -> PreprocessResult:
+    """Tokenize ``inputs`` (files, folders, globs; none = python-stdlib) into a data folder."""
+    reporter = reporter or NullReporter()
+    data = config.data
+    data.validate()
+    inputs = [str(i) for i in inputs]
+    workers = workers or default_preprocess_workers()
+    out_dir = resolve_out_dir(data, inputs, out)
+    _check_writable(out_dir)
+    started = time.perf_counter()
+
+    inventory = discover(inputs, exclude_dir=out_dir)
+    fingerprint = _fingerprint(inventory, data, inputs)
+    if not force and (manifest := _up_to_date(out_dir, fingerprint)) is not None:
+        reporter.info(f"{out_dir} is up to date (same inputs and settings); --force redoes it")
+        return PreprocessResult(out_dir, manifest, up_to_date=True)
+    if not force and (out_dir / MANIFEST).is_file():
+        reporter.info(f"{out_dir} was made from other inputs or settings: rebuilding it")
+    if not inventory.sources:
+        counts = ", ".join(f"{n} {reason}" for reason, n in inventory.skipped.most_common())
+        raise UsageError(f"no input files found{f' ({counts})' if counts else ''}")
+
+    scan = _scan(inventory, data, reporter)
+    read_s = time.perf_counter() - started
+    if inventory.skipped:
+        counts = ", ".join(f"{n} {reason}" for reason, n in sorted(inventory.skipped.items()))
+        reporter.warning(f"skipped {counts}")
+    if scan.split.method == "tail":
+        reporter.info(f"only {scan.documents} document(s): the last {data.val_fraction:g} of each goes to val")
+
+    tokenizer_started = time.perf_counter()
+    reporter.start("tokenizer", total=min(data.tokenizer_sample_bytes, scan.train_bytes), unit="B")
+    sample_bytes = _SampleCounter()
+    tokenizer = train_tokenizer(lambda: sample_bytes.count(_tokenizer_sample(scan, data, reporter)),
+                                data.vocab_size, data.tokenizer)
+    reporter.finish("tokenizer")
+    tokenizer_s = time.perf_counter() - tokenizer_started
+
+    dtype = dtype_for(tokenizer.vocab_size)
+    created = _make_dirs(out_dir)
+    work = Path(tempfile.mkdtemp(prefix=".preprocess-", suffix=".tmp", dir=out_dir))
+    finished = False
+    try:
+        encode_started, encode_cpu = time.perf_counter(), _cpu_seconds()
+        bins = (work / "train.bin", work / "val.bin")
+        totals = _encode(scan, data, tokenizer, dtype, bins, workers, parallel_min_bytes, reporter)
+        encode_s, encode_cpu_s = time.perf_counter() - encode_started, _cpu_seconds() - encode_cpu
+        if totals.documents[VAL] == 0 or totals.tokens[TRAIN] == 0:
+            raise UsageError("the corpus is too small to give both a train and a val split; add more text")
+
+        (work / TOKENIZER_FILE).write_bytes(tokenizer.model_proto)
+        saved = dataclasses.replace(config, data=dataclasses.replace(data, dir=str(out_dir)))
+        save_config(saved, work / "config.yaml")
+        manifest = {
+            "format_version": FORMAT_VERSION,
+            "hetlm_version": __version__,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "corpus": corpus_name(inputs),
+            "inputs": inputs or [BUILTIN_CORPUS],
+            "fingerprint": fingerprint,
+            "dtype": dtype.name,
+            "tokenizer": {"file": TOKENIZER_FILE, "sha256": tokenizer.sha256,
+                          **tokenizer_settings(tokenizer),
+                          "sample_bytes": sample_bytes.total, "sample_of": "train"},
+            "split": scan.split.describe(),
+            "splits": {
+                name: {"file": f"{name}.bin", "documents": totals.documents[i], "bytes": totals.bytes[i],
+                       "tokens": totals.tokens[i]}
+                for i, name in enumerate(SPLITS)
+            },
+            "sources": scan.source_info,
+            "skipped": dict(sorted(inventory.skipped.items())),
+            "skipped_files": inventory.skipped_files,
+            "workers": workers,
+            "timings": {"read_s": round(read_s, 3), "tokenizer_s": round(tokenizer_s, 3),
+                        "encode_s": round(encode_s, 3), "encode_cpu_s": round(encode_cpu_s, 3),
+                        "total_s": round(time.perf_counter() - started, 3)},
+        }
+        # The old manifest goes first: from here until the new one is written the folder is unfinished.
+        (out_dir / MANIFEST).unlink(missing_ok=True)
+        for name in (TOKENIZER_FILE, "train.bin", "val.bin", "config.yaml"):
+            os.replace(work / name, out_dir / name)
+        fsync_dir(out_dir)
+        atomic_write_json(out_dir / MANIFEST, manifest)
+        finished = True
+    except OSError as exc:
+        raise HetlmError(f"writing {out_dir} failed: {exc}") from None
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+        if not finished:
+            for folder in created:
+                try:
+                    folder.rmdir()
+                except OSError:
+                    break
+    return PreprocessResult(out_dir, manifest)
+
+
+def _cpu_seconds() -> float:
+    """CPU time of this process and its finished children (the encode workers, once the pool is closed)."""
+    try:
+        import resource
+    except ImportError:  # Windows
+        return time.process_time()
+    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+
+
+class _SampleCounter:
+    def __init__(self) -> None:
+        self.total = 0
+
+    def count(self, sentences: Iterator[str]) -> Iterator[str]:
+        self.total = 0
+        for sentence in sentences:
+            self.total += len(sentence.encode("utf-8"))
+            yield sentence
+
+
+# --------------------------------------------------------------------------- reading a data folder
+
+
+def load_data_manifest(path: str | Path) -> dict[str, Any]:
+    """The manifest of a finished data folder; UsageError (exit 2) when there is none."""
+    folder = Path(path)
+    if not folder.exists():
+        raise UsageError(f"data folder not found: {folder} (run `hetlm preprocess` first)")
+    if not folder.is_dir():
+        raise UsageError(f"not a data folder: {folder} is a file")
+    manifest_path = folder / MANIFEST
+    if not manifest_path.is_file():
+        raise UsageError(f"{folder} has no {MANIFEST}: preprocessing did not finish there (run `hetlm preprocess`)")
+    try:
+        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise UsageError(f"cannot read {manifest_path}: {exc}") from None
+    if not isinstance(manifest, dict) or manifest.get("format_version") != FORMAT_VERSION:
+        found = manifest.get("format_version") if isinstance(manifest, dict) else None
+        raise UsageError(f"{manifest_path}: data format {found!r} is not supported (expected {FORMAT_VERSION}); "
+                         "run `hetlm preprocess --force`")
+    return manifest
+
+
+def open_split(path: str | Path, split: str) -> np.memmap:
+    """The token ids of ``split`` ("train" or "val") as a read-only memmap."""
+    manifest = load_data_manifest(path)
+    if split not in manifest.get("splits", {}):
+        raise UsageError(f"unknown split {split!r}: choose from {', '.join(manifest.get('splits', {}))}")
+    entry = manifest["splits"][split]
+    file = Path(path) / entry["file"]
+    dtype = np.dtype(manifest["dtype"]).newbyteorder("<")
+    expected = entry["tokens"] * dtype.itemsize
+    if not file.is_file() or file.stat().st_size != expected:
+        raise HetlmError(f"{file} is missing or truncated (expected {expected} bytes); run `hetlm preprocess --force`")
+    return np.memmap(file, dtype=dtype, mode="r")

@@ -1,0 +1,522 @@
+"""Sampling text from a model: prefill the prompt, then one token per step with a KV cache.
+
+Shared by ``hetlm generate``, the server and anything else that samples. Everything random draws
+from an explicit ``torch.Generator``, so the same seed, prompt and settings give the same text.
+
+Window sliding: a model only sees ``context_length`` tokens. A prompt longer than that is cut from
+the left (with a warning). When generation fills the window, the oldest half is dropped and the
+newest ``context_length // 2`` tokens are prefilled again into a fresh cache at positions
+0..n-1, the way training windows start anywhere in the text. That costs one prefill every
+``context_length // 2`` tokens instead of a full forward per token, at the price of the model seeing
+between half and all of the window. The no-cache path slides at the same steps, so both paths
+condition on exactly the same tokens.
+
+Batch-1 decoding is bound by per-operation overhead (and, for larger models, by reading the
+weights), not arithmetic. So single-token steps do not go through ``Transformer.forward``: a
+``Sampler`` prepares the weights once for them (see ``_FastDecoder``) and a step runs about 30 tensor
+operations per layer instead of about 60. Prefill and the no-cache path use the model itself; the
+tests check that a step's logits match the model's and that both paths give the same greedy tokens.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import math
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch.nn.functional as F
+
+from hetlm.config import SampleConfig
+from hetlm.errors import UsageError
+from hetlm.model import KVCache, Transformer
+from hetlm.reporting import NullReporter, Reporter
+
+if TYPE_CHECKING:
+    from hetlm.planner import Plan
+
+# Prompt ids kept before the generated ones when decoding, so text that depends on its left
+# neighbour (a byte sequence, a leading-space rule) comes out as in a decode of the whole text.
+DETOKENIZER_CONTEXT = 8
+REPLACEMENT = "\ufffd"
+
+
+@dataclass(frozen=True)
+class SamplingSettings:
+    """How to sample. temperature 0 is greedy; top_k 0 and top_p 1 switch those filters off."""
+
+    max_new_tokens: int = 256
+    temperature: float = 0.8
+    top_k: int = 0
+    top_p: float = 1.0
+    # The text ends just before the first occurrence of any of these.
+    stop: tuple[str, ...] = ()
+    num_samples: int = 1
+    # Keep going after </s> (benchmarks that need an exact number of tokens).
+    ignore_eos: bool = False
+    use_cache: bool = True
+
+    def validate(self) -> None:
+        if self.max_new_tokens < 1:
+            raise UsageError(f"max new tokens must be at least 1, got {self.max_new_tokens}")
+        if not (self.temperature >= 0 and math.isfinite(self.temperature)):
+            raise UsageError(f"temperature must be a finite number >= 0 (0 = greedy), got {self.temperature}")
+        if self.top_k < 0:
+            raise UsageError(f"top-k must be >= 0 (0 = off), got {self.top_k}")
+        if not 0 < self.top_p <= 1:
+            raise UsageError(f"top-p must be in (0, 1], got {self.top_p}")
+        if self.num_samples < 1:
+            raise UsageError(f"number of samples must be at least 1, got {self.num_samples}")
+        if any(not s for s in self.stop):
+            raise UsageError("stop strings must not be empty")
+
+    @classmethod
+    def from_config(cls, sample: SampleConfig, **overrides: Any) -> SamplingSettings:
+        """Settings from the config's ``sample`` section; ``overrides`` that are None keep the config's value."""
+        values = {f.name: getattr(sample, f.name) for f in dataclasses.fields(sample) if f.name in _SETTING_NAMES}
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        if "stop" in values:
+            values["stop"] = tuple(values["stop"])
+        settings = cls(**values)
+        settings.validate()
+        return settings
+
+
+_SETTING_NAMES = {f.name for f in dataclasses.fields(SamplingSettings)}
+
+
+@dataclass
+class Chunk:
+    """New output of one sample after a step: text that is final (possibly empty while held back)."""
+
+    index: int
+    text: str
+    # Ids sampled for this sample in this step (empty for the step that ends it at </s>).
+    token_ids: list[int]
+    # None while the sample goes on; "eos" (</s>), "stop" (a stop string) or "length" (max new tokens).
+    finish_reason: str | None = None
+
+
+@dataclass
+class Completion:
+    index: int
+    text: str
+    # The sampled ids, </s> excluded; with a stop string, up to the token that completed it.
+    token_ids: list[int]
+    finish_reason: str
+
+
+@dataclass
+class GenerationResult:
+    completions: list[Completion]
+    # Prompt tokens the model saw, after cutting a too-long prompt from the left.
+    prompt_tokens: int
+    prompt_truncated: int
+    # Tokens sampled over all samples (a final </s> included): the work done.
+    new_tokens: int
+    # From the call to the first sampled token: the prefill and one sampling step.
+    time_to_first_token: float
+    seconds: float
+    # Times the window slid (the cache was refilled with the newest half of the context).
+    slides: int = 0
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.new_tokens / self.seconds if self.seconds > 0 else 0.0
+
+    @property
+    def text(self) -> str:
+        """The first sample's text."""
+        return self.completions[0].text
+
+    def stats(self) -> dict[str, Any]:
+        return {
+            "prompt_tokens": self.prompt_tokens,
+            "prompt_truncated": self.prompt_truncated,
+            "new_tokens": self.new_tokens,
+            "samples": len(self.completions),
+            "time_to_first_token_s": round(self.time_to_first_token, 4),
+            "seconds": round(self.seconds, 4),
+            "tokens_per_second": round(self.tokens_per_second, 1),
+            "slides": self.slides,
+            "finish_reasons": [c.finish_reason for c in self.completions],
+        }
+
+
+def encode_prompt(tokenizer: Any, text: str) -> list[int]:
+    """``<s>`` followed by the text's ids: how every training document starts."""
+    return [tokenizer.bos_id, *tokenizer.encode(text)]
+
+
+def make_generator(seed: int, device: str | torch.device = "cpu") -> torch.Generator:
+    """A generator on ``device`` (sampling runs where the logits are) seeded with ``seed``."""
+    generator = torch.Generator(device=torch.device(device))
+    generator.manual_seed(seed & ((1 << 63) - 1))
+    return generator
+
+
+def sample_next(logits: torch.Tensor, settings: SamplingSettings, generator: torch.Generator) -> torch.Tensor:
+    """Next ids (B,) from logits (B, V): greedy at temperature 0, else top-k / top-p filtered sampling."""
+    if settings.temperature == 0:
+        return logits.argmax(dim=-1)
+    logits = logits.float() / settings.temperature
+    if 0 < settings.top_k < logits.size(-1):
+        kth = torch.topk(logits, settings.top_k, dim=-1).values[:, -1:]  # (B, 1)
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if settings.top_p < 1:
+        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+        probs = sorted_logits.softmax(dim=-1)
+        # Drop a token when the ones ranked above it already hold top_p of the mass; the top one always stays.
+        drop = probs.cumsum(dim=-1) - probs >= settings.top_p
+        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+        logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
+    probs = logits.softmax(dim=-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+class IncrementalDetokenizer:
+    """Turns ids into text as they arrive; what it returns never changes later.
+
+    Each call decodes a short window of recent ids and returns what the newest id added. The text of
+    an id can depend on the ids after it: a character split over byte-fallback pieces decodes as
+    U+FFFD until its last byte arrives. So a window whose text ends in U+FFFD is held back until
+    more ids complete it (or ``flush`` ends the text). The pieces joined equal one decode of all ids.
+    """
+
+    def __init__(self, tokenizer: Any, context_ids: Sequence[int] = ()) -> None:
+        self.tokenizer = tokenizer
+        self.ids = [int(i) for i in context_ids][-DETOKENIZER_CONTEXT:] if context_ids else []
+        # ids[prefix:read] are decoded and emitted already; they stay in the window as left context.
+        self.prefix = 0
+        self.read = len(self.ids)
+        self.prefix_text = tokenizer.decode(self.ids) if self.ids else ""
+
+    def add(self, token_id: int) -> str:
+        self.ids.append(int(token_id))
+        text = self.tokenizer.decode(self.ids[self.prefix:])
+        if text.endswith(REPLACEMENT) or not text.startswith(self.prefix_text):
+            return ""
+        return self._emit(text)
+
+    def flush(self) -> str:
+        """The held-back rest, once no more ids will come."""
+        if self.read == len(self.ids):
+            return ""
+        text = self.tokenizer.decode(self.ids[self.prefix:])
+        if not text.startswith(self.prefix_text):
+            # Only possible when the context ended inside a character; the prompt part is not ours to emit.
+            text = self.prefix_text + text[len(self.prefix_text):]
+        return self._emit(text)
+
+    def _emit(self, text: str) -> str:
+        new = text[len(self.prefix_text):]
+        self.prefix, self.read = self.read, len(self.ids)
+        self.prefix_text = self.tokenizer.decode(self.ids[self.prefix:self.read])
+        # Keep the window short: the ids before ``prefix`` are no longer needed.
+        if self.prefix > 4 * DETOKENIZER_CONTEXT:
+            del self.ids[: self.prefix]
+            self.read -= self.prefix
+            self.prefix = 0
+        return new
+
+
+class StopStringFilter:
+    """Passes text through until a stop string appears, holding back what could be the start of one."""
+
+    def __init__(self, stops: Sequence[str]) -> None:
+        self.stops = tuple(stops)
+        self.pending = ""
+
+    def feed(self, text: str) -> tuple[str, bool]:
+        """(text safe to emit, True when a stop string was found: the output ends there)."""
+        if not self.stops:
+            return text, False
+        self.pending += text
+        found = [i for i in (self.pending.find(s) for s in self.stops) if i >= 0]
+        if found:
+            out = self.pending[: min(found)]
+            self.pending = ""
+            return out, True
+        hold = 0
+        for stop in self.stops:
+            for k in range(min(len(stop) - 1, len(self.pending)), hold, -1):
+                if self.pending.endswith(stop[:k]):
+                    hold = k
+                    break
+        cut = len(self.pending) - hold
+        out, self.pending = self.pending[:cut], self.pending[cut:]
+        return out, False
+
+    def flush(self) -> str:
+        out, self.pending = self.pending, ""
+        return out
+
+
+class _FastDecoder:
+    """One-token steps on a KVCache with weights prepared for them (see the module docstring).
+
+    Queries, keys and values come from one matmul, gate and up from another, with the weights
+    transposed once for ``torch.mm``. An RMSNorm's weight (and the sqrt(D) of its mean) scales the next
+    matmul's inputs, so it lives in that matrix and what is left of the norm is
+    ``x / sqrt(|x|^2 + D * eps)``: one vector norm and one hypot. RoPE is linear, so the 1/sqrt(head_dim)
+    attention scale lives in the query weights; rotate_half(x) * sin is roll(x, E/2) * [-sin, sin].
+    (Computing rotate_half with extra matmul columns saves an operation but reads 15% more weights per
+    token at d_model 384, where reading the weights is what takes the time.)
+    """
+
+    @torch.no_grad()
+    def __init__(self, model: Transformer, dtype: torch.dtype) -> None:
+        config = model.config
+        self.n_heads, self.kv_heads, self.head_dim = config.n_heads, config.kv_heads, config.head_dim
+        self.d_model = config.d_model
+        E, D = self.head_dim, self.d_model
+        self.dtype = dtype
+        self.norm_floor = torch.tensor(math.sqrt(D * config.norm_eps), dtype=dtype, device=model.rope_cos.device)
+
+        def prepare(weight: torch.Tensor, norm: torch.Tensor) -> torch.Tensor:
+            # (out, D) -> (D, out) for x_hat @ W, with the norm's weight and sqrt(D) folded into the rows.
+            return (weight * (norm * math.sqrt(D))).to(dtype).t().contiguous()
+
+        self.layers = []
+        for block in model.model.layers:
+            attn, mlp = block.self_attn, block.mlp
+            qkv = torch.cat([attn.q_proj.weight / math.sqrt(E), attn.k_proj.weight, attn.v_proj.weight])
+            self.layers.append((
+                prepare(qkv, block.input_layernorm.weight),
+                attn.o_proj.weight.to(dtype).t().contiguous(),
+                prepare(torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]), block.post_attention_layernorm.weight),
+                mlp.down_proj.weight.to(dtype).t().contiguous(),
+            ))
+        self.embed = model.model.embed_tokens.weight.detach().to(dtype)
+        self.head = prepare(model.lm_head.weight, model.model.norm.weight)
+        half = E // 2
+        self.cos = model.rope_cos.to(dtype)
+        self.sin = torch.cat([-model.rope_sin[:, :half], model.rope_sin[:, half:]], dim=-1).to(dtype)
+
+    def _normalized(self, x: torch.Tensor) -> torch.Tensor:
+        return x / torch.hypot(torch.linalg.vector_norm(x, dim=-1, keepdim=True), self.norm_floor)
+
+    def flat_cache(self, cache: KVCache) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Each layer's (B, K, T, E) keys and values seen as (B*K, T, E): one matrix product per key/value head."""
+        return [(k.flatten(0, 1), v.flatten(0, 1)) for k, v in zip(cache.keys, cache.values, strict=True)]
+
+    def step(self, tokens: torch.Tensor, cache: KVCache, flat: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+        """tokens (B,) at position cache.length -> logits (B, V) in fp32; ``flat`` is ``flat_cache(cache)``."""
+        B, H, K, E, D = tokens.shape[0], self.n_heads, self.kv_heads, self.head_dim, self.d_model
+        pos = cache.length
+        end = pos + 1
+        low = self.dtype != torch.float32
+        x = F.embedding(tokens, self.embed)  # (B, D)
+        cos, sin = self.cos[pos], self.sin[pos]  # (E,)
+        for (qkv_w, o_w, gate_up_w, down_w), (keys, values) in zip(self.layers, flat, strict=True):
+            qk, v = torch.mm(self._normalized(x), qkv_w).view(B, H + 2 * K, E).split_with_sizes((H + K, K), dim=1)
+            q, k = torch.addcmul(qk * cos, qk.roll(E // 2, dims=-1), sin).split_with_sizes((H, K), dim=1)  # RoPE
+            keys[:, pos] = k.reshape(B * K, E)
+            values[:, pos] = v.reshape(B * K, E)
+            # Query heads grouped by the key/value head they share: (B*K, H/K, E).
+            scores = torch.bmm(q.reshape(B * K, H // K, E), keys[:, :end].transpose(1, 2))  # (B*K, H/K, end)
+            weights = torch.softmax(scores.float(), dim=-1).to(values.dtype) if low else torch.softmax(scores, dim=-1)
+            x = torch.addmm(x, torch.bmm(weights, values[:, :end]).view(B, D), o_w)
+            gate, up = torch.mm(self._normalized(x), gate_up_w).chunk(2, dim=-1)
+            x = torch.addmm(x, F.silu(gate) * up, down_w)
+        cache.length = end
+        logits = torch.mm(self._normalized(x), self.head)
+        return logits.float() if low else logits
+
+
+class Sampler:
+    """Samples from one model; build it once and reuse it (the server does): it copies the weights.
+
+    On an accelerator, prefill runs under the plan's autocast and single-token steps in its dtype. On
+    the CPU everything stays fp32 whatever the plan says: at batch 1 the products are matrix-vector
+    ones, which AMX does not speed up (bf16 measured slower), and casts would only add operations.
+    Without a plan everything runs in fp32 wherever the model is.
+    """
+
+    def __init__(self, model: Transformer, tokenizer: Any, plan: Plan | None = None) -> None:
+        self.model = model
+        self.tokenizer = tokenizer
+        self.device = next(model.parameters()).device
+        self.autocast_dtype = plan.autocast_dtype if plan is not None and self.device.type != "cpu" else None
+        self.dtype = self.autocast_dtype or torch.float32
+        self.decoder = _FastDecoder(model, self.dtype)
+
+    @property
+    def context_length(self) -> int:
+        return self.model.config.context_length
+
+    def _autocast(self) -> contextlib.AbstractContextManager:
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=self.autocast_dtype)
+
+    def _forward_last(self, window: torch.Tensor, cache: KVCache | None) -> torch.Tensor:
+        with self._autocast():
+            logits, _ = self.model(window, cache=cache, last_only=True)
+        return logits[:, -1].float()
+
+    def stream(self, prompt_ids: Sequence[int], settings: SamplingSettings, generator: torch.Generator,
+               reporter: Reporter = NullReporter()) -> Generation:
+        """Start sampling; iterate the returned Generation for Chunks, then read its ``result``."""
+        settings.validate()
+        prompt = [int(i) for i in prompt_ids]
+        if not prompt:
+            raise UsageError("the prompt is empty: give at least one token (encode_prompt adds <s>)")
+        vocab = self.model.config.vocab_size
+        if min(prompt) < 0 or max(prompt) >= vocab:
+            raise UsageError(f"prompt token ids must be in 0..{vocab - 1}")
+        if generator.device.type != self.device.type:
+            raise ValueError(f"the generator is on {generator.device}, the model on {self.device}")
+        truncated = max(0, len(prompt) - self.context_length)
+        if truncated:
+            reporter.warning(f"the prompt has {len(prompt)} tokens, more than the context of {self.context_length}: "
+                             f"the first {truncated} were cut")
+            prompt = prompt[truncated:]
+        generation = Generation()
+        generation._steps = self._run(generation, prompt, truncated, settings, generator)
+        return generation
+
+    def generate(self, prompt_ids: Sequence[int], settings: SamplingSettings, generator: torch.Generator,
+                 reporter: Reporter = NullReporter()) -> GenerationResult:
+        generation = self.stream(prompt_ids, settings, generator, reporter)
+        for _ in generation:
+            pass
+        assert generation.result is not None
+        return generation.result
+
+    def _run(self, generation: Generation, prompt: list[int], truncated: int, settings: SamplingSettings,
+             generator: torch.Generator) -> Iterator[Chunk]:
+        started = time.perf_counter()
+        B, ctx = settings.num_samples, self.context_length
+        keep = max(1, ctx // 2)
+        eos = None if settings.ignore_eos else self.tokenizer.eos_id
+        history = torch.empty((B, len(prompt) + settings.max_new_tokens), dtype=torch.long, device=self.device)
+        history[:, : len(prompt)] = torch.tensor(prompt, dtype=torch.long, device=self.device)
+        n, window_start = len(prompt), 0
+        with torch.inference_mode():
+            cache = KVCache(self.model.config, B, self.device, self.dtype) if settings.use_cache else None
+            flat = self.decoder.flat_cache(cache) if cache is not None else []
+
+        samples = [_SampleState(self.tokenizer, prompt, settings.stop) for _ in range(B)]
+        active = B
+        new_tokens = slides = 0
+        first_token_at = None
+        for step in range(settings.max_new_tokens):
+            with torch.inference_mode():
+                if step == 0:
+                    logits = self._forward_last(history[:, :n], cache)  # prefill
+                elif n - window_start > ctx:
+                    # The window is full: keep its newest half, prefilled again from position 0.
+                    window_start = n - keep
+                    slides += 1
+                    if cache is not None:
+                        cache.length = 0
+                    logits = self._forward_last(history[:, window_start:n], cache)
+                elif cache is not None:
+                    logits = self.decoder.step(history[:, n - 1], cache, flat)
+                else:
+                    logits = self._forward_last(history[:, window_start:n], None)
+                next_ids = sample_next(logits, settings, generator)
+                history[:, n] = next_ids
+            n += 1
+            ids = next_ids.tolist()
+            if first_token_at is None:
+                first_token_at = time.perf_counter()
+            last_step = step == settings.max_new_tokens - 1
+            chunks = []
+            for index, (state, token) in enumerate(zip(samples, ids, strict=True)):
+                if state.finish_reason is not None:
+                    continue
+                new_tokens += 1
+                chunk = state.add(index, token, eos, last_step)
+                if chunk.finish_reason is not None:
+                    active -= 1
+                chunks.append(chunk)
+            yield from chunks
+            if not active:
+                break
+
+        ended = time.perf_counter()
+        generation.result = GenerationResult(
+            completions=[s.completion(i) for i, s in enumerate(samples)],
+            prompt_tokens=len(prompt),
+            prompt_truncated=truncated,
+            new_tokens=new_tokens,
+            time_to_first_token=(first_token_at or ended) - started,
+            seconds=ended - started,
+            slides=slides,
+        )
+
+
+class _SampleState:
+    """Detokenizer, stop strings and output of one sample in a batch."""
+
+    def __init__(self, tokenizer: Any, prompt: list[int], stops: Sequence[str]) -> None:
+        self.detokenizer = IncrementalDetokenizer(tokenizer, prompt)
+        self.stops = StopStringFilter(stops)
+        self.token_ids: list[int] = []
+        self.parts: list[str] = []
+        self.finish_reason: str | None = None
+
+    def add(self, index: int, token: int, eos: int | None, last: bool) -> Chunk:
+        if token == eos:
+            return self._finish(Chunk(index, "", [], "eos"), self.detokenizer.flush())
+        self.token_ids.append(token)
+        text, stopped = self.stops.feed(self.detokenizer.add(token))
+        if stopped:
+            self.parts.append(text)
+            self.finish_reason = "stop"
+            return Chunk(index, text, [token], "stop")
+        chunk = Chunk(index, text, [token])
+        self.parts.append(text)
+        if last:
+            return self._finish(chunk, self.detokenizer.flush(), reason="length")
+        return chunk
+
+    def _finish(self, chunk: Chunk, rest: str, reason: str | None = None) -> Chunk:
+        text, stopped = self.stops.feed(rest)
+        if not stopped:
+            text += self.stops.flush()
+        self.parts.append(text)
+        self.finish_reason = "stop" if stopped else (reason or chunk.finish_reason)
+        return dataclasses.replace(chunk, text=chunk.text + text, finish_reason=self.finish_reason)
+
+    def completion(self, index: int) -> Completion:
+        return Completion(index, "".join(self.parts), self.token_ids, self.finish_reason or "length")
+
+
+class Generation:
+    """An iterator of Chunks; ``result`` is set once it is exhausted. ``close()`` stops it early."""
+
+    def __init__(self) -> None:
+        self.result: GenerationResult | None = None
+        self._steps: Iterator[Chunk] = iter(())
+
+    def __iter__(self) -> Generation:
+        return self
+
+    def __next__(self) -> Chunk:
+        return next(self._steps)
+
+    def close(self) -> None:
+        close = getattr(self._steps, "close", None)
+        if close is not None:
+            close()
+
+
+def stream_generate(model: Transformer, tokenizer: Any, prompt_ids: Sequence[int], settings: SamplingSettings,
+                    generator: torch.Generator, plan: Plan | None = None,
+                    reporter: Reporter = NullReporter()) -> Generation:
+    """Sample from ``model`` once; for repeated calls build a ``Sampler`` and reuse it."""
+    return Sampler(model, tokenizer, plan).stream(prompt_ids, settings, generator, reporter)
+
+
+def generate(model: Transformer, tokenizer: Any, prompt_ids: Sequence[int], settings: SamplingSettings,
+             generator: torch.Generator, plan: Plan | None = None,
+             reporter: Reporter = NullReporter()) -> GenerationResult:
+    """Sample without streaming: the whole result at once."""
+    return Sampler(model, tokenizer, plan).generate(prompt_ids, settings, generator, reporter)

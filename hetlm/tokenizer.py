@@ -1,0 +1,234 @@
+"""A lossless SentencePiece tokenizer: ``decode(encode(text)) == text`` for any UTF-8 text.
+
+SentencePiece's defaults normalise text (NFKC), fold runs of whitespace and map rare characters to
+``<unk>``; that loses code indentation and anything unseen in training. The settings in
+``LOSSLESS_SETTINGS`` keep every character: identity normalisation, no whitespace folding, no
+dummy prefix (also what Hugging Face's LlamaTokenizer needs to give the same ids), and byte
+fallback so an unseen character becomes its UTF-8 bytes instead of ``<unk>``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import re
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+import sentencepiece as spm
+
+from hetlm.errors import UsageError
+
+UNK_ID, BOS_ID, EOS_ID, PAD_ID = 0, 1, 2, 3
+SPECIAL_PIECES = {"unk": "<unk>", "bos": "<s>", "eos": "</s>", "pad": "<pad>"}
+MODEL_TYPES = ("bpe", "unigram")
+# 256 byte pieces plus the four special tokens.
+MIN_VOCAB_SIZE = 260
+
+LOSSLESS_SETTINGS: dict[str, Any] = {
+    "byte_fallback": True,
+    "character_coverage": 1.0,
+    "normalization_rule_name": "identity",
+    "remove_extra_whitespaces": False,
+    "add_dummy_prefix": False,
+    "allow_whitespace_only_pieces": True,
+    "split_digits": False,
+}
+# Training sentences are cut below this many bytes, so SentencePiece never drops one as too long.
+MAX_SENTENCE_BYTES = 1 << 16
+_META = "\u2581"
+# The thread count is stored inside the model file and changes unigram scores, so it is fixed:
+# the same corpus gives a byte-identical model on every machine.
+TRAINER_THREADS = 4
+
+_TOO_HIGH = re.compile(r"Vocabulary size too high \((\d+)\)\. Please set it to a value <= (\d+)")
+_TOO_FEW_CHARS = re.compile(r"Vocabulary size is smaller than required_chars\. (\d+) vs (\d+)")
+
+
+class Tokenizer:
+    """A trained SentencePiece model with the ids hetlm relies on: unk 0, bos 1, eos 2, pad 3."""
+
+    def __init__(self, model_proto: bytes, path: Path | None = None, settings: dict[str, Any] | None = None) -> None:
+        self.processor = spm.SentencePieceProcessor()
+        try:
+            self.processor.LoadFromSerializedProto(model_proto)
+        except (RuntimeError, OSError) as exc:
+            where = f"{path}: " if path else ""
+            raise UsageError(f"{where}not a SentencePiece model ({exc})") from None
+        self.path = path
+        self.sha256 = hashlib.sha256(model_proto).hexdigest()
+        self.model_proto = model_proto
+        # How it was trained, when this process trained it (the manifest keeps them).
+        self.settings = settings or {}
+
+    @classmethod
+    def load(cls, path: str | Path) -> Tokenizer:
+        path = Path(path)
+        if not path.is_file():
+            raise UsageError(f"tokenizer not found: {path} (run `hetlm preprocess` first)")
+        return cls(path.read_bytes(), path)
+
+    @property
+    def vocab_size(self) -> int:
+        return self.processor.GetPieceSize()
+
+    @property
+    def unk_id(self) -> int:
+        return self.processor.unk_id()
+
+    @property
+    def bos_id(self) -> int:
+        return self.processor.bos_id()
+
+    @property
+    def eos_id(self) -> int:
+        return self.processor.eos_id()
+
+    @property
+    def pad_id(self) -> int:
+        return self.processor.pad_id()
+
+    def encode(self, text: str) -> list[int]:
+        """Token ids of ``text``, without BOS or EOS."""
+        return encode_batch(self.processor, [text])[0]
+
+    def encode_batch(self, texts: list[str], num_threads: int = 1) -> list[list[int]]:
+        return encode_batch(self.processor, list(texts), num_threads)
+
+    def decode(self, ids: Iterable[int]) -> str:
+        return self.processor.Decode([int(i) for i in ids])
+
+    def id_to_piece(self, token_id: int) -> str:
+        return self.processor.IdToPiece(int(token_id))
+
+    def piece_to_id(self, piece: str) -> int:
+        return self.processor.PieceToId(piece)
+
+    def save(self, path: str | Path) -> None:
+        from hetlm.io import atomic_write_bytes
+
+        atomic_write_bytes(Path(path), self.model_proto)
+        self.path = Path(path)
+
+
+def encode_batch(processor: spm.SentencePieceProcessor, texts: list[str], num_threads: int = 1) -> list[list[int]]:
+    """Ids for each text, lossless even for U+2581.
+
+    SentencePiece writes spaces as U+2581 ("▁") inside pieces, so a literal U+2581 in the text would
+    decode as a space. Such characters are encoded as their three UTF-8 byte pieces instead, which
+    decode back to U+2581 (in Hugging Face's LlamaTokenizer too).
+    """
+    encoded = processor.Encode(texts, add_bos=False, add_eos=False, num_threads=num_threads)
+    for index, text in enumerate(texts):
+        if _META in text:
+            meta = [processor.PieceToId(f"<0x{b:02X}>") for b in _META.encode("utf-8")]
+            parts = processor.Encode(text.split(_META), add_bos=False, add_eos=False, num_threads=1)
+            ids = parts[0]
+            for part in parts[1:]:
+                ids += meta
+                ids += part
+            encoded[index] = ids
+    return encoded
+
+
+def training_sentences(text: str, max_bytes: int = MAX_SENTENCE_BYTES) -> Iterable[str]:
+    """Cut ``text`` into training sentences of whole lines (newlines kept) of at most ``max_bytes``.
+
+    Multi-line sentences let SentencePiece learn pieces such as ``":\\n"``; a line longer than the
+    limit is cut inside, at a character boundary.
+    """
+    limit = max_bytes // 4  # characters: a UTF-8 character takes at most 4 bytes
+    start, size = 0, len(text)
+    while start < size:
+        end = min(start + limit, size)
+        if end < size:
+            newline = text.rfind("\n", start, end)
+            if newline >= start:
+                end = newline + 1
+        yield text[start:end]
+        start = end
+
+
+def train_tokenizer(sentences: Iterable[str] | Callable[[], Iterable[str]], vocab_size: int,
+                    model_type: str = "bpe") -> Tokenizer:
+    """Train a lossless tokenizer in memory; the same sentences give a byte-identical model.
+
+    ``sentences`` is a collection, or a function returning a fresh iterator over them (a corpus
+    reader then streams into SentencePiece without a copy in Python). Every character of the sample
+    gets its own piece when the vocabulary has room. A text with more distinct characters than that
+    (CJK, say) is retried at lower coverage: the rarest characters then go through byte fallback,
+    which is just as lossless.
+    """
+    if model_type not in MODEL_TYPES:
+        raise UsageError(f"unknown tokenizer type {model_type!r}: use bpe or unigram")
+    if vocab_size < MIN_VOCAB_SIZE:
+        raise UsageError(f"vocabulary size {vocab_size} is too small: at least {MIN_VOCAB_SIZE} (256 bytes + 4 specials)")
+    if not callable(sentences):
+        sample = list(sentences)
+        sentences = lambda: iter(sample)  # noqa: E731
+    settings = {"type": model_type, "vocab_size": vocab_size, **LOSSLESS_SETTINGS}
+    for coverage in (1.0, 0.9995, 0.995):
+        settings["character_coverage"] = coverage
+        try:
+            return Tokenizer(_train(sentences(), settings), settings=settings)
+        except UsageError as exc:
+            if "distinct characters" not in str(exc) or coverage == 0.995:
+                raise
+    raise AssertionError("unreachable")
+
+
+def _train(sentences: Iterable[str], settings: dict[str, Any]) -> bytes:
+    # The model goes to memory, not to a prefix on disk: a path would be stored inside the file.
+    writer = io.BytesIO()
+    options = {k: v for k, v in settings.items() if k not in ("type", "vocab_size")}
+    try:
+        spm.SentencePieceTrainer.Train(
+            sentence_iterator=(s for s in sentences if s),
+            model_writer=writer,
+            model_type=settings["type"],
+            vocab_size=settings["vocab_size"],
+            unk_id=UNK_ID,
+            bos_id=BOS_ID,
+            eos_id=EOS_ID,
+            pad_id=PAD_ID,
+            unk_piece=SPECIAL_PIECES["unk"],
+            bos_piece=SPECIAL_PIECES["bos"],
+            eos_piece=SPECIAL_PIECES["eos"],
+            pad_piece=SPECIAL_PIECES["pad"],
+            max_sentence_length=MAX_SENTENCE_BYTES,
+            num_threads=TRAINER_THREADS,
+            minloglevel=2,
+            **options,
+        )
+    except RuntimeError as exc:
+        raise _training_error(str(exc), settings["vocab_size"]) from None
+    return writer.getvalue()
+
+
+def _training_error(message: str, vocab_size: int) -> UsageError:
+    if match := _TOO_HIGH.search(message):
+        fits = int(match.group(2))
+        return UsageError(
+            f"--vocab-size {vocab_size} is too large for this corpus (it supports at most {fits}): "
+            f"use --vocab-size {fits} or less, or add more text"
+        )
+    if match := _TOO_FEW_CHARS.search(message):
+        return UsageError(
+            f"--vocab-size {vocab_size} is too small for this corpus: its distinct characters alone need "
+            f"{match.group(2)} tokens; use --vocab-size {match.group(2)} or more"
+        )
+    first = message.strip().splitlines()[0] if message.strip() else "unknown error"
+    return UsageError(f"tokenizer training failed: {first}")
+
+
+def tokenizer_settings(tokenizer: Tokenizer) -> dict[str, Any]:
+    """What the manifest records about how the tokenizer was trained."""
+    return {
+        **tokenizer.settings,
+        "vocab_size": tokenizer.vocab_size,
+        "special_tokens": {name: i for i, name in enumerate(SPECIAL_PIECES.values())},
+        "max_sentence_bytes": MAX_SENTENCE_BYTES,
+        "trainer_threads": TRAINER_THREADS,
+        "sentencepiece_version": spm.__version__,
+    }

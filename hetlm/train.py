@@ -1,0 +1,809 @@
+"""``hetlm train``: the training loop, its checkpoints, and resuming them bit for bit.
+
+Everything a step depends on is either in the weights or in ``trainer.pt``: optimizer moments,
+the step counter (the learning rate is a pure function of it), the gradient scaler, the Python,
+numpy, torch and CUDA RNG states (dropout) and the data generator of every rank. Checkpoints are
+taken only between optimizer steps, so no gradient-accumulation state is ever half done, and
+evaluation draws no random numbers. A run killed at any moment and resumed from its newest
+complete checkpoint therefore replays exactly the steps it lost.
+
+The step avoids host synchronisation: losses and bad-step counters accumulate on the device and
+are read once per log interval; a non-finite loss or gradient skips the update inside the fused
+AdamW kernel through its ``found_inf`` input rather than through a Python branch.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import random
+import shutil
+import signal
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as tdist
+
+from hetlm.build import DataFolder, build_run, check_compatible, default_run_dir, open_data_folder, resolve_config
+from hetlm.checkpoint import (
+    MANIFEST,
+    STEP_DIR,
+    TRAINER_STATE,
+    WEIGHTS,
+    list_checkpoints,
+    load_trainer_state,
+    load_weights,
+    read_manifest,
+    resolve_checkpoint,
+    save_checkpoint,
+    step_dir_name,
+)
+from hetlm.config import Config, TrainConfig, parse_duration, save_config
+from hetlm.data import PrefetchLoader, fixed_starts, gather_windows, split_inputs_targets
+from hetlm.errors import HetlmError, UsageError
+from hetlm.io import atomic_write_text
+from hetlm.model import Transformer, flops_per_token
+from hetlm.reporting import NullReporter, Reporter
+
+STATE_FORMAT = 1
+METRICS = "metrics.jsonl"
+LOSS_PLOT = "loss.png"
+TENSORBOARD = "tensorboard"
+EXIT_CODES = {"SIGINT": 130, "SIGTERM": 143}
+
+
+# --- pure pieces -----------------------------------------------------------------------------------
+
+
+def learning_rate_at(step: int, train: TrainConfig) -> float:
+    """Learning rate of the update made at 0-based ``step``: linear warmup, then cosine decay to min_lr."""
+    if step < train.warmup_steps:
+        return train.learning_rate * (step + 1) / train.warmup_steps
+    decay_end = train.decay_steps or train.max_steps
+    progress = min(1.0, (step - train.warmup_steps) / max(1, decay_end - train.warmup_steps))
+    return train.min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (train.learning_rate - train.min_lr)
+
+
+def accumulation_steps(train: TrainConfig, context_length: int, world_size: int) -> int:
+    """Micro-batches per optimizer step on each process so that the step sees train.global_batch_tokens."""
+    per_micro = train.micro_batch_size * context_length * world_size
+    if not train.global_batch_tokens:
+        return 1
+    return max(1, round(train.global_batch_tokens / per_micro))
+
+
+def make_optimizer(model: torch.nn.Module, train: TrainConfig, device: torch.device) -> torch.optim.AdamW:
+    """AdamW without weight decay on norms and embeddings; the fused kernel where torch has one for ``device``."""
+    decay, no_decay = [], []
+    for name, param in model.named_parameters():
+        if param.requires_grad:
+            (no_decay if param.ndim < 2 or "embed_tokens" in name else decay).append(param)
+    groups = [{"params": decay, "weight_decay": train.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    kwargs = {"lr": train.learning_rate, "betas": (train.beta1, train.beta2)}
+    try:
+        return torch.optim.AdamW(groups, fused=True, **kwargs)
+    except (RuntimeError, ValueError):
+        return torch.optim.AdamW(groups, foreach=True, **kwargs)
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, windows: torch.Tensor, autocast: Any, batch_size: int) -> float:
+    """Mean next-token loss over fixed ``windows`` (N, T + 1); draws no random numbers."""
+    was_training = model.training
+    model.eval()
+    total = torch.zeros((), dtype=torch.float64, device=windows.device)
+    for start in range(0, len(windows), batch_size):
+        x, y = split_inputs_targets(windows[start : start + batch_size])
+        with autocast():
+            _, loss = model(x, y)
+        total += loss.double() * len(x)
+    model.train(was_training)
+    return (total / len(windows)).item()
+
+
+def eval_record(step: int, val_loss: float, bytes_per_token: float | None) -> dict[str, Any]:
+    record = {"kind": "eval", "step": step, "val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 700.0))}
+    if bytes_per_token:
+        record["val_bpb"] = val_loss / math.log(2) / bytes_per_token
+    return record
+
+
+class TrainStep:
+    """One optimizer step: accumulated micro-batches under autocast, loss scaling, clipping, AdamW.
+
+    A step whose loss or gradient norm is not finite changes no weights and counts as bad. Loss and
+    bad-step counters stay on the device until ``read``, so a step never waits for the host.
+    ``step_model`` is what runs the forward pass (the model, or its DDP or compiled wrapper).
+    """
+
+    def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, plan: Any,
+                 train: TrainConfig, accumulation: int = 1, step_model: torch.nn.Module | None = None, ddp: Any = None,
+                 world_size: int = 1) -> None:
+        self.model, self.optimizer, self.scaler, self.plan, self.train = model, optimizer, scaler, plan, train
+        self.accumulation = accumulation
+        self.step_model = step_model if step_model is not None else model
+        self.ddp = ddp
+        self.world_size = world_size
+        self.fused = bool(optimizer.param_groups[0].get("fused"))
+        device = next(model.parameters()).device
+        self.loss_sum = torch.zeros((), device=device)
+        self.good = torch.zeros((), device=device)
+        self.bad_new = torch.zeros((), device=device)
+        self.bad_run = torch.zeros((), device=device)
+        self.bad_worst = torch.zeros((), device=device)
+
+    def __call__(self, step: int, batches: Any) -> None:
+        """Make the update numbered ``step`` (0-based) from ``accumulation`` batches of windows (B, T + 1)."""
+        lr = learning_rate_at(step, self.train)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        step_loss = torch.zeros_like(self.loss_sum)
+        for micro in range(self.accumulation):
+            x, y = split_inputs_targets(next(batches))
+            last = micro == self.accumulation - 1
+            sync = contextlib.nullcontext() if self.ddp is None or last else self.ddp.no_sync()
+            with sync:
+                with self.plan.autocast():
+                    _, loss = self.step_model(x, y)
+                step_loss += loss.detach()
+                self.scaler.scale(loss / self.accumulation).backward()
+        step_loss /= self.accumulation
+        if self.world_size > 1:
+            # The global mean loss: every rank then takes the same skip decision and logs the same figure.
+            tdist.all_reduce(step_loss)
+            step_loss /= self.world_size
+        self.scaler.unscale_(self.optimizer)
+        norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.train.grad_clip or math.inf, foreach=True)
+        bad = ~(torch.isfinite(step_loss) & torch.isfinite(norm))
+        if self.scaler.is_enabled():
+            # The scaler skips steps with non-finite gradients itself (and lowers its scale).
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        elif self.fused:
+            self.optimizer.found_inf = bad.float()
+            self.optimizer.step()
+        elif not bad.item():
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        badf = bad.float()
+        self.loss_sum += torch.where(bad, 0.0, step_loss)
+        self.good += 1.0 - badf
+        self.bad_new += badf
+        self.bad_run.mul_(badf).add_(badf)
+        torch.maximum(self.bad_worst, self.bad_run, out=self.bad_worst)
+
+    def read(self, reset: bool = True) -> tuple[float | None, int, int]:
+        """(mean loss of the good steps since the last reset, bad steps since the last read, longest bad run)."""
+        loss_sum, good, new, worst = torch.stack([self.loss_sum, self.good, self.bad_new, self.bad_worst]).tolist()
+        self.bad_new.zero_()
+        if reset:
+            self.loss_sum.zero_()
+            self.good.zero_()
+            self.bad_worst.copy_(self.bad_run)
+        return (loss_sum / good if good else None), int(new), int(worst)
+
+
+# --- RNG state that survives torch.load(weights_only=True) ------------------------------------------
+
+
+def capture_rng_states(data_generator: torch.Tensor) -> dict[str, Any]:
+    """This process's random states as tensors, lists, ints and floats."""
+    version, internal, gauss = random.getstate()
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {
+        "python": [version, list(internal), gauss],
+        "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached)],
+        "torch": torch.get_rng_state(),
+        "data": data_generator,
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng_states(state: dict[str, Any]) -> torch.Tensor:
+    """Restore the global RNGs; returns the data generator state."""
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    return state["data"]
+
+
+# --- processes ---------------------------------------------------------------------------------------
+
+
+@dataclass
+class Processes:
+    """This process's place under torchrun (a world of one otherwise)."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    # Host-side group for stop decisions and gathering RNG states (gloo even when gradients go over NCCL).
+    control: Any = None
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def process_layout() -> tuple[int, int, int]:
+    """(rank, world size, local rank) from torchrun's environment."""
+    env = os.environ
+    return int(env.get("RANK", 0)), int(env.get("WORLD_SIZE", 1)), int(env.get("LOCAL_RANK", 0))
+
+
+def _start_processes(device: torch.device) -> Processes:
+    rank, world_size, local_rank = process_layout()
+    procs = Processes(rank, world_size, local_rank)
+    if procs.distributed and not tdist.is_initialized():
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        tdist.init_process_group(backend, rank=rank, world_size=world_size)
+        procs.control = tdist.new_group(backend="gloo") if backend != "gloo" else tdist.group.WORLD
+    elif procs.distributed:
+        procs.control = tdist.group.WORLD
+    return procs
+
+
+# --- results and records --------------------------------------------------------------------------------
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    rank: int
+    world_size: int
+    start_step: int
+    step: int
+    max_steps: int
+    tokens: int
+    # Wall time of this invocation, and tokens per second of its steps (evaluation and checkpoints excluded).
+    elapsed_s: float
+    tokens_per_s: float
+    # "max_steps", "max_time", "SIGINT", "SIGTERM" or "done" (nothing left to train).
+    stopped_by: str
+    exit_code: int
+    bad_steps: int
+    train_loss: float | None = None
+    eval: dict[str, Any] | None = None
+    best_step: int | None = None
+    best_val_loss: float | None = None
+    checkpoint: Path | None = None
+    outputs: dict[str, Path] = field(default_factory=dict)
+
+
+@dataclass
+class _LoopEnd:
+    stopped_by: str
+    checkpoint: Path | None
+    last_eval: dict[str, Any] | None
+    train_loss: float | None
+    step_seconds: float
+
+
+class _Records:
+    """metrics.jsonl and TensorBoard events (main process only)."""
+
+    def __init__(self, run_dir: Path, start_step: int, enabled: bool, reporter: Reporter) -> None:
+        self.path = run_dir / METRICS
+        self.enabled = enabled
+        self.handle = None
+        self.tensorboard = None
+        if not enabled:
+            return
+        self._drop_after(start_step)
+        self.handle = open(self.path, "a", encoding="utf-8")
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:
+            return
+        try:
+            self.tensorboard = SummaryWriter(log_dir=str(run_dir / TENSORBOARD), purge_step=start_step + 1)
+        except Exception as exc:  # an optional extra must never stop training
+            reporter.warning(f"TensorBoard logging disabled: {exc}")
+
+    def _drop_after(self, step: int) -> None:
+        # Records a killed run wrote past its last checkpoint are replayed after resuming.
+        if not self.path.is_file():
+            return
+        lines = self.path.read_text(encoding="utf-8").splitlines()
+        kept = [line for line in lines if _record_step(line) <= step]
+        if len(kept) != len(lines):
+            atomic_write_text(self.path, "".join(line + "\n" for line in kept))
+
+    def write(self, record: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        record = _finite(record)
+        self.handle.write(json.dumps(record) + "\n")
+        self.handle.flush()
+        if self.tensorboard is not None:
+            kind, step = record["kind"], record["step"]
+            for key, value in record.items():
+                if key not in ("kind", "step") and isinstance(value, (int, float)):
+                    self.tensorboard.add_scalar(f"{kind}/{key}", value, step)
+
+    def close(self) -> None:
+        if self.handle is not None:
+            self.handle.close()
+        if self.tensorboard is not None:
+            self.tensorboard.close()
+
+
+def _finite(record: dict[str, Any]) -> dict[str, Any]:
+    """NaN and infinity become null: JSON has no spelling for them."""
+    return {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in record.items()}
+
+
+def _record_step(line: str) -> float:
+    try:
+        return json.loads(line).get("step", 0)
+    except (ValueError, AttributeError):
+        return math.inf
+
+
+def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
+    path = Path(run_dir) / METRICS
+    if not path.is_file():
+        return []
+    records = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        with contextlib.suppress(ValueError):
+            records.append(json.loads(line))
+    return records
+
+
+def plot_losses(run_dir: Path) -> Path | None:
+    """RUN/loss.png from metrics.jsonl, when matplotlib is installed."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    records = read_metrics(run_dir)
+    train = [(r["step"], r["loss"]) for r in records if r.get("kind") == "train" and r.get("loss") is not None]
+    val = [(r["step"], r["val_loss"]) for r in records if r.get("kind") == "eval"]
+    if not train and not val:
+        return None
+    figure, axes = plt.subplots(figsize=(7, 4))
+    if train:
+        axes.plot(*zip(*train, strict=True), label="train loss")
+    if val:
+        axes.plot(*zip(*val, strict=True), marker="o", label="val loss")
+    axes.set_xlabel("step")
+    axes.set_ylabel("loss (nats/token)")
+    axes.set_title(Path(run_dir).name)
+    axes.grid(alpha=0.3)
+    axes.legend()
+    target = Path(run_dir) / LOSS_PLOT
+    tmp = target.with_name(f".{target.name}.tmp.png")
+    figure.savefig(tmp, dpi=100, bbox_inches="tight")
+    plt.close(figure)
+    os.replace(tmp, target)
+    return target
+
+
+def prune_checkpoints(run_dir: Path, keep_last: int) -> None:
+    """Delete all but the newest ``keep_last`` checkpoints and the best by val loss, and any torn ones."""
+    found = list_checkpoints(run_dir, verify=False)
+    complete = {path for _, path in found}
+    for path in (Path(run_dir) / "checkpoints").glob("step-*"):
+        if STEP_DIR.match(path.name) and path not in complete:
+            shutil.rmtree(path, ignore_errors=True)
+    keep = {path for _, path in found[-keep_last:]}
+    scored = []
+    for step, path in found:
+        loss = (read_manifest(path, verify=False) or {}).get("val_loss")
+        if isinstance(loss, (int, float)) and math.isfinite(loss):
+            scored.append((loss, -step, path))
+    if scored:
+        keep.add(min(scored)[2])
+    for _, path in found:
+        if path not in keep:
+            # Removing the manifest first makes a half-deleted folder read as torn, never as complete.
+            (path / MANIFEST).unlink(missing_ok=True)
+            shutil.rmtree(path, ignore_errors=True)
+
+
+# --- the loop -------------------------------------------------------------------------------------------
+
+
+class _StopFlag:
+    """SIGINT/SIGTERM ask for a clean stop after the current step; a second SIGINT interrupts at once."""
+
+    def __init__(self) -> None:
+        self.signal: str | None = None
+        self.previous: dict[int, Any] = {}
+
+    def install(self) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            return
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            self.previous[signum] = signal.signal(signum, self._handle)
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        name = signal.Signals(signum).name
+        if self.signal is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.signal = name
+
+    def restore(self) -> None:
+        for signum, handler in self.previous.items():
+            signal.signal(signum, handler)
+        self.previous.clear()
+
+
+def train(config: Config, plan: Any, out: Path | None = None, resume: str = "auto",
+          reporter: Reporter = NullReporter()) -> TrainResult:
+    """Train the model of ``config`` on its data folder into the run folder ``out`` (default runs/<name>).
+
+    ``plan`` is the planner's Plan for this process. ``resume`` is "auto" (continue from the newest
+    complete checkpoint of the run, or start from its step-0 build), "never" (start over, removing the
+    run's checkpoints) or the path of a checkpoint or run to continue from. Under torchrun each process
+    calls this; only rank 0 reports, writes checkpoints and logs.
+    """
+    device = plan.torch_device
+    procs = _start_processes(device)
+    try:
+        return _Trainer(config, plan, out, resume, reporter if procs.main else NullReporter(), procs).run()
+    finally:
+        if procs.distributed and tdist.is_initialized():
+            tdist.destroy_process_group()
+
+
+class _Trainer:
+    def __init__(self, config: Config, plan: Any, out: Path | None, resume: str, reporter: Reporter, procs: Processes) -> None:
+        self.plan = plan
+        self.reporter = reporter
+        self.procs = procs
+        self.device = plan.torch_device
+        self.data: DataFolder = open_data_folder(config)
+        self.config = resolve_config(config, self.data)
+        self.run_dir = Path(out) if out is not None else default_run_dir(self.config)
+        self.resume = resume
+        self.train_cfg = self.config.train
+        self.max_time = parse_duration(self.train_cfg.max_time, "train.max_time") if self.train_cfg.max_time else None
+
+    # -- setup
+
+    def _prepare_run(self) -> Path:
+        """Rank 0 readies the run folder; every rank then returns the checkpoint to start from."""
+        checkpoints = self.run_dir / "checkpoints"
+        if self.procs.main:
+            if self.resume == "never" and checkpoints.is_dir():
+                removed = len(list_checkpoints(self.run_dir, verify=False))
+                self.reporter.warning(f"--resume never: starting {self.run_dir} over ({removed} checkpoint(s) removed)")
+                for old in checkpoints.glob("step-*"):
+                    (old / MANIFEST).unlink(missing_ok=True)
+                    shutil.rmtree(old, ignore_errors=True)
+                for name in (METRICS, LOSS_PLOT, TENSORBOARD):
+                    target = self.run_dir / name
+                    shutil.rmtree(target) if target.is_dir() else target.unlink(missing_ok=True)
+            if checkpoints.is_dir():
+                # Temporary folders of a checkpoint that was being written when the process died.
+                for stale in checkpoints.glob(".step-*"):
+                    shutil.rmtree(stale, ignore_errors=True)
+            if self.resume in ("auto", "never") and not list_checkpoints(self.run_dir, verify=False):
+                build_run(self.config, self.run_dir, self.reporter, data=self.data)
+            save_config(self.config, self.run_dir / "config.yaml")
+        self._barrier()
+        if self.resume in ("auto", "never"):
+            found = list_checkpoints(self.run_dir, self.reporter)
+            if not found:
+                raise HetlmError(f"run {self.run_dir} has no complete checkpoint to start from")
+            return found[-1][1]
+        return resolve_checkpoint(Path(self.resume), prefer="latest", reporter=self.reporter)
+
+    def _barrier(self) -> None:
+        if self.procs.distributed:
+            tdist.barrier(group=self.procs.control)
+
+    def _load(self, checkpoint: Path) -> None:
+        check_compatible(checkpoint, self.config, self.data, self.run_dir)
+        self.model = Transformer(self.config.model)
+        load_weights(self.model, checkpoint / WEIGHTS)
+        self.model.to(self.device).train()
+        self.optimizer = make_optimizer(self.model, self.train_cfg, self.device)
+        self.fused = bool(self.optimizer.param_groups[0].get("fused"))
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=bool(self.plan.grad_scaler))
+        self.step, self.tokens, self.bad_total, self.train_seconds = 0, 0, 0, 0.0
+        self.best: tuple[float, int] | None = None
+        seed = self.train_cfg.seed + self.procs.rank
+        data_state = None
+        if (checkpoint / TRAINER_STATE).is_file():
+            state = load_trainer_state(checkpoint)
+            saved_world = state.get("world_size", 1)
+            if saved_world != self.procs.world_size:
+                raise UsageError(
+                    f"{checkpoint} was trained by {saved_world} process(es) and this run has {self.procs.world_size}: "
+                    f"resume with the same number of processes (torchrun --nproc_per_node {saved_world}), "
+                    "or start a new run with --out"
+                )
+            self.optimizer.load_state_dict(state["optimizer"])
+            for group, decay in zip(self.optimizer.param_groups, (self.train_cfg.weight_decay, 0.0), strict=True):
+                # Hyperparameters come from this invocation's config, the moments from the checkpoint.
+                group.update(betas=(self.train_cfg.beta1, self.train_cfg.beta2), weight_decay=decay,
+                             fused=self.fused or None, foreach=None if self.fused else True)
+            if state.get("scaler") and self.scaler.is_enabled():
+                self.scaler.load_state_dict(state["scaler"])
+            self.step, self.tokens = int(state["step"]), int(state["tokens"])
+            self.bad_total = int(state.get("bad_steps", 0))
+            self.train_seconds = float(state.get("train_seconds", 0.0))
+            if state.get("best") is not None:
+                self.best = (float(state["best"][0]), int(state["best"][1]))
+            data_state = restore_rng_states(state["ranks"][self.procs.rank])
+        else:
+            random.seed(seed)
+            np.random.seed(seed)
+            torch.manual_seed(seed)
+        self.generator = torch.Generator()
+        if data_state is not None:
+            self.generator.set_state(data_state)
+        else:
+            # Each rank draws its own stream; the offset keeps it apart from the weight-init seed.
+            self.generator.manual_seed(self.train_cfg.seed * 1_000_003 + 7919 * (self.procs.rank + 1))
+        self.start_step = self.step
+        self.loaded_from = checkpoint
+
+    def _prepare_data(self) -> None:
+        T = self.config.model.context_length
+        self.train_tokens = _open_split(self.data.path, "train")
+        if len(self.train_tokens) < T + 1:
+            raise UsageError(
+                f"the training split of {self.data.path} has {len(self.train_tokens)} tokens, "
+                f"fewer than model.context_length + 1 = {T + 1}"
+            )
+        val_tokens = self.data.manifest.get("splits", {}).get("val", {}).get("tokens", 0)
+        self.val_windows = None
+        if val_tokens >= T + 1:
+            val = _open_split(self.data.path, "val")
+            starts = fixed_starts(len(val), T + 1, self.train_cfg.eval_windows)
+            self.val_windows = gather_windows(val, starts, T + 1).to(self.device)
+        else:
+            self.reporter.warning(f"the validation split has {val_tokens} tokens, fewer than a window of {T + 1}: no evaluation")
+        self.bytes_per_token = self.data.bytes_per_token("val")
+
+    # -- the run
+
+    def run(self) -> TrainResult:
+        self.plan.apply()
+        checkpoint = self._prepare_run()
+        self._load(checkpoint)
+        deterministic = torch.are_deterministic_algorithms_enabled()
+        if self.train_cfg.deterministic:
+            os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+            torch.use_deterministic_algorithms(True, warn_only=True)
+        try:
+            return self._run()
+        finally:
+            torch.use_deterministic_algorithms(deterministic)
+
+    def _run(self) -> TrainResult:
+        tc, procs = self.train_cfg, self.procs
+        started = time.monotonic()
+        T = self.config.model.context_length
+        self.accum = accumulation_steps(tc, T, procs.world_size)
+        self.tokens_per_step = self.accum * tc.micro_batch_size * T * procs.world_size
+        if tc.global_batch_tokens and self.tokens_per_step != tc.global_batch_tokens:
+            self.reporter.warning(
+                f"train.global_batch_tokens={tc.global_batch_tokens} is not a multiple of micro_batch_size x context x "
+                f"processes ({tc.micro_batch_size * T * procs.world_size}); using {self.tokens_per_step} tokens per step"
+            )
+        if self.step >= tc.max_steps:
+            self.reporter.info(
+                f"{self.loaded_from} is at step {self.step}, already at train.max_steps={tc.max_steps}: "
+                "nothing to train (raise --max-steps to continue)"
+            )
+            return self._result("done", 0, started, 0.0, None, self.loaded_from)
+        self._prepare_data()
+        if not self.plan.fits:
+            reason = next((d.reason for d in self.plan.decisions if d.stage == "memory"), "")
+            self.reporter.warning(f"the plan says this may not fit in memory: {reason}")
+
+        model: torch.nn.Module = self.model
+        self.ddp = None
+        if procs.distributed:
+            from torch.nn.parallel import DistributedDataParallel
+
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            self.ddp = model = DistributedDataParallel(model, device_ids=ids)
+        if self.plan.compile:
+            model = torch.compile(model)
+        self.stepper = TrainStep(self.model, self.optimizer, self.scaler, self.plan, tc, self.accum,
+                                 step_model=model, ddp=self.ddp, world_size=procs.world_size)
+
+        records = _Records(self.run_dir, self.start_step, procs.main, self.reporter)
+        stop = _StopFlag()
+        stop.install()
+        loader = PrefetchLoader(
+            self.train_tokens, tc.micro_batch_size, T + 1, self.generator, prefetch=self.plan.prefetch,
+            device=self.device, pin_memory=self.plan.pin_memory, non_blocking=self.plan.non_blocking,
+        )
+        self.loader = loader
+        self.reporter.info(
+            f"training {self.run_dir} from step {self.step} ({self.loaded_from.name}) to {tc.max_steps}: "
+            f"{self.tokens_per_step:,} tokens per step ({self.accum} x {tc.micro_batch_size} x {T}"
+            + (f" x {procs.world_size} processes" if procs.distributed else "")
+            + f"), AdamW {'fused' if self.fused else 'foreach'}, {self.plan.dtype} on {self.device}"
+            + (", compiled" if self.plan.compile else "")
+        )
+        self.reporter.start("train", total=tc.max_steps)
+        self.reporter.advance("train", self.step)
+        try:
+            end = self._loop(records, stop, started)
+        finally:
+            stop.restore()
+            loader.close()
+            records.close()
+            self.reporter.finish("train")
+        outputs = {"metrics": records.path}
+        if procs.main:
+            plot = plot_losses(self.run_dir)
+            if plot is not None:
+                outputs["loss_plot"] = plot
+            if records.tensorboard is not None:
+                outputs["tensorboard"] = self.run_dir / TENSORBOARD
+        result = self._result(end.stopped_by, EXIT_CODES.get(end.stopped_by, 0), started, end.step_seconds, end.last_eval,
+                              end.checkpoint, end.train_loss)
+        result.outputs = outputs
+        return result
+
+    def _result(self, stopped_by: str, code: int, started: float, step_seconds: float, last_eval: dict | None,
+                checkpoint: Path | None, train_loss: float | None = None) -> TrainResult:
+        trained = (self.step - self.start_step) * getattr(self, "tokens_per_step", 0)
+        return TrainResult(
+            run_dir=self.run_dir, rank=self.procs.rank, world_size=self.procs.world_size, start_step=self.start_step,
+            step=self.step, max_steps=self.train_cfg.max_steps, tokens=self.tokens, elapsed_s=time.monotonic() - started,
+            tokens_per_s=trained / step_seconds if step_seconds > 0 else 0.0, stopped_by=stopped_by, exit_code=code,
+            bad_steps=self.bad_total, train_loss=train_loss, eval=last_eval,
+            best_step=self.best[1] if self.best else None, best_val_loss=self.best[0] if self.best else None,
+            checkpoint=checkpoint,
+        )
+
+    def _loop(self, records: _Records, stop: _StopFlag, started: float) -> _LoopEnd:
+        tc, procs = self.train_cfg, self.procs
+        fpt = flops_per_token(self.config.model)
+        interval_start, interval_steps, step_seconds = time.monotonic(), 0, 0.0
+        last_log_step = self.step
+        last_eval: dict | None = None
+        train_loss: float | None = None
+        checkpoint: Path | None = None
+        evaluated_at = checkpointed_at = -1
+        while True:
+            self.stepper(self.step, self.loader)
+            self.step += 1
+            self.tokens += self.tokens_per_step
+            interval_steps += 1
+            stopped_by = self._should_stop(stop, started)
+            final = stopped_by is not None
+            if self.step % tc.log_every == 0 or final:
+                now = time.monotonic()
+                seconds = now - interval_start
+                step_seconds += seconds
+                self.train_seconds += seconds
+                train_loss = self._sync_counters()
+                rate = (self.step - last_log_step) * self.tokens_per_step / seconds if seconds > 0 else 0.0
+                record = {
+                    "kind": "train", "step": self.step, "loss": train_loss, "lr": learning_rate_at(self.step - 1, tc),
+                    "tokens": self.tokens, "tok_per_s": rate, "bad_steps": self.bad_total,
+                    "elapsed_s": now - started, "eta_s": self._eta(seconds / max(1, interval_steps), started),
+                }
+                if self.plan.peak_flops:
+                    record["mfu"] = rate / procs.world_size * fpt / self.plan.peak_flops
+                records.write(record)
+                self.reporter.metrics("train", record)
+                self.reporter.advance("train", self.step - last_log_step)
+                last_log_step, interval_steps, interval_start = self.step, 0, now
+            paused = time.monotonic()
+            want_checkpoint = self.step % tc.checkpoint_every == 0 or final
+            want_eval = self.step % tc.eval_every == 0 or want_checkpoint
+            if procs.main and self.val_windows is not None and want_eval and evaluated_at != self.step:
+                last_eval = self._evaluate()
+                evaluated_at = self.step
+                records.write(last_eval)
+                self.reporter.metrics("eval", last_eval)
+            if want_checkpoint and checkpointed_at != self.step:
+                if self.step % tc.log_every:
+                    self._sync_counters(keep=True)
+                checkpoint = self._save(last_eval if evaluated_at == self.step else None)
+                checkpointed_at = self.step
+            # Evaluation and checkpoint time stays out of tokens per second.
+            interval_start += time.monotonic() - paused
+            if final:
+                return _LoopEnd(stopped_by, checkpoint, last_eval, train_loss, step_seconds)
+
+    def _sync_counters(self, keep: bool = False) -> float | None:
+        """Read the step counters (one host sync); raise when too many bad steps came in a row."""
+        loss, new, worst = self.stepper.read(reset=not keep)
+        self.bad_total += new
+        if worst >= self.train_cfg.max_bad_steps:
+            raise HetlmError(
+                f"{worst} steps in a row with a non-finite loss or gradient by step {self.step} (train.max_bad_steps="
+                f"{self.train_cfg.max_bad_steps}): training diverged; lower train.learning_rate or raise "
+                "train.warmup_steps, then resume from the last checkpoint"
+            )
+        return loss
+
+    def _should_stop(self, stop: _StopFlag, started: float) -> str | None:
+        reasons = ["SIGINT", "SIGTERM", "max_time"]
+        flags = [stop.signal == "SIGINT", stop.signal == "SIGTERM",
+                 self.max_time is not None and time.monotonic() - started >= self.max_time]
+        if self.procs.distributed:
+            # All processes must stop after the same step, whichever of them saw the signal or the clock.
+            agreed = torch.tensor(flags, dtype=torch.int32)
+            tdist.all_reduce(agreed, op=tdist.ReduceOp.MAX, group=self.procs.control)
+            flags = [bool(v) for v in agreed.tolist()]
+        for reason, flag in zip(reasons, flags, strict=True):
+            if flag:
+                return reason
+        return "max_steps" if self.step >= self.train_cfg.max_steps else None
+
+    def _eta(self, seconds_per_step: float, started: float) -> float:
+        eta = (self.train_cfg.max_steps - self.step) * seconds_per_step
+        if self.max_time is not None:
+            eta = min(eta, max(0.0, self.max_time - (time.monotonic() - started)))
+        return eta
+
+    def _evaluate(self) -> dict[str, Any]:
+        loss = evaluate(self.model, self.val_windows, self.plan.autocast, self.train_cfg.micro_batch_size)
+        record = eval_record(self.step, loss, self.bytes_per_token)
+        if math.isfinite(loss) and (self.best is None or loss < self.best[0]):
+            self.best = (loss, self.step)
+        return record
+
+    def _save(self, last_eval: dict | None) -> Path | None:
+        ranks = capture_rng_states(self.loader.state())
+        if self.procs.distributed:
+            gathered: list[Any] = [None] * self.procs.world_size
+            tdist.all_gather_object(gathered, ranks, group=self.procs.control)
+        else:
+            gathered = [ranks]
+        if not self.procs.main:
+            return None
+        state = {
+            "format": STATE_FORMAT,
+            "step": self.step,
+            "tokens": self.tokens,
+            "world_size": self.procs.world_size,
+            "accumulation": self.accum,
+            "optimizer": self.optimizer.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            # The schedule has no state of its own: the learning rate is learning_rate_at(step, config).
+            "schedule": {"kind": "warmup-cosine", **{k: getattr(self.train_cfg, k) for k in (
+                "learning_rate", "min_lr", "warmup_steps", "decay_steps", "max_steps")}},
+            "bad_steps": self.bad_total,
+            "train_seconds": self.train_seconds,
+            "best": list(self.best) if self.best else None,
+            "ranks": gathered,
+        }
+        info: dict[str, Any] = {"step": self.step, "tokens": self.tokens}
+        if last_eval is not None:
+            info.update({k: v for k, v in _finite(last_eval).items() if k.startswith("val_")})
+        path = self.run_dir / "checkpoints" / step_dir_name(self.step)
+        save_checkpoint(path, self.model, self.config, self.data.tokenizer_path, state, info)
+        prune_checkpoints(self.run_dir, self.train_cfg.keep_last)
+        return path
+
+
+def _open_split(path: Path, split: str) -> np.ndarray:
+    from hetlm.preprocess import open_split
+
+    return open_split(path, split)
+

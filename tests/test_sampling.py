@@ -1,0 +1,326 @@
+import random
+
+import pytest
+import torch
+
+from hetlm.checkpoint import load_checkpoint
+from hetlm.config import ModelConfig, SampleConfig
+from hetlm.errors import UsageError
+from hetlm.model import KVCache, Transformer
+from hetlm.reporting import Reporter
+from hetlm.sampling import (
+    IncrementalDetokenizer,
+    Sampler,
+    SamplingSettings,
+    StopStringFilter,
+    encode_prompt,
+    make_generator,
+    sample_next,
+)
+from hetlm.tokenizer import Tokenizer
+
+MIXED = "def naïve(x):\n    return '中文字符' + \"😀🎉\"  # ok ✓\n"
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """The CLI applies the plan (one thread per core), which lasts for the process; tiny models want one."""
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tiny_data):
+    return Tokenizer.load(tiny_data / "tokenizer.model")
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_checkpoint):
+    return load_checkpoint(tiny_checkpoint).model
+
+
+@pytest.fixture(scope="module")
+def random_model(tokenizer):
+    """Untrained: its samples are random pieces, byte-fallback pieces included."""
+    torch.manual_seed(1)
+    config = ModelConfig(n_layers=2, d_model=48, n_heads=6, n_kv_heads=3, context_length=32, vocab_size=tokenizer.vocab_size)
+    return Transformer(config).eval()
+
+
+def greedy(max_new_tokens, **kw):
+    return SamplingSettings(max_new_tokens=max_new_tokens, temperature=0, ignore_eos=True, **kw)
+
+
+@pytest.mark.parametrize("which", ["trained", "random_model"])
+def test_greedy_with_cache_equals_without(which, request, tokenizer):
+    model = request.getfixturevalue(which)
+    sampler = Sampler(model, tokenizer)
+    ctx = model.config.context_length
+    for text in ("def main(", MIXED):
+        prompt = encode_prompt(tokenizer, text)
+        # Past the context length, so the window slides several times.
+        cached = sampler.generate(prompt, greedy(3 * ctx), make_generator(0))
+        plain = sampler.generate(prompt, greedy(3 * ctx, use_cache=False), make_generator(0))
+        assert cached.completions[0].token_ids == plain.completions[0].token_ids
+        assert len(cached.completions[0].token_ids) == 3 * ctx
+        assert cached.slides >= 4 and cached.slides == plain.slides
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_single_token_steps_match_the_model(trained, tokenizer, tied):
+    model = trained
+    if not tied:
+        torch.manual_seed(2)
+        model = Transformer(ModelConfig(n_layers=2, d_model=64, n_heads=8, n_kv_heads=2, context_length=64,
+                                        tie_embeddings=False, vocab_size=tokenizer.vocab_size)).eval()
+    sampler = Sampler(model, tokenizer)
+    ids = torch.tensor([encode_prompt(tokenizer, MIXED)[:40]])
+    with torch.inference_mode():
+        cache = KVCache(model.config, 1, torch.device("cpu"), torch.float32)
+        model(ids[:, :10], cache=cache)
+        full, _ = model(ids)
+        flat = sampler.decoder.flat_cache(cache)
+        for t in range(10, 40):
+            step = sampler.decoder.step(ids[:, t], cache, flat)
+            torch.testing.assert_close(step, full[:, t], atol=1e-4, rtol=1e-4)
+
+
+def test_seeded_sampling_is_reproducible(trained, tokenizer):
+    sampler = Sampler(trained, tokenizer)
+    prompt = encode_prompt(tokenizer, "import ")
+    settings = SamplingSettings(max_new_tokens=80, temperature=1.0, top_k=50, top_p=0.95, ignore_eos=True)
+    first = sampler.generate(prompt, settings, make_generator(7))
+    again = sampler.generate(prompt, settings, make_generator(7))
+    other = sampler.generate(prompt, settings, make_generator(8))
+    assert first.completions[0].token_ids == again.completions[0].token_ids
+    assert first.text == again.text
+    assert first.completions[0].token_ids != other.completions[0].token_ids
+
+
+def test_top_k_one_and_tiny_top_p_equal_greedy(trained, tokenizer):
+    sampler = Sampler(trained, tokenizer)
+    prompt = encode_prompt(tokenizer, "class ")
+    expected = sampler.generate(prompt, greedy(60), make_generator(0)).completions[0].token_ids
+    for filters in ({"top_k": 1}, {"top_p": 1e-6}):
+        settings = SamplingSettings(max_new_tokens=60, temperature=1.5, ignore_eos=True, **filters)
+        assert sampler.generate(prompt, settings, make_generator(3)).completions[0].token_ids == expected
+
+
+def test_top_k_and_top_p_keep_only_the_likeliest():
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]])).repeat(2000, 1)
+    generator = make_generator(0)
+    drawn = sample_next(logits, SamplingSettings(temperature=1.0, top_k=2), generator)
+    assert set(drawn.tolist()) == {0, 1}
+    # 0.5 alone is under 0.7, so the second token stays; 0.5 + 0.3 reaches 0.7, so the rest go.
+    drawn = sample_next(logits, SamplingSettings(temperature=1.0, top_p=0.7), generator)
+    assert set(drawn.tolist()) == {0, 1}
+    share = (drawn == 0).float().mean().item()
+    assert abs(share - 0.5 / 0.8) < 0.05
+    assert set(sample_next(logits, SamplingSettings(temperature=1.0), generator).tolist()) == {0, 1, 2, 3}
+
+
+def test_stop_strings_end_the_text_before_them(trained, tokenizer):
+    sampler = Sampler(trained, tokenizer)
+    prompt = encode_prompt(tokenizer, "def ")
+    full = sampler.generate(prompt, greedy(60), make_generator(0)).text
+    stop = full[12:15]
+    assert stop and full.find(stop) >= 0
+    result = sampler.generate(prompt, greedy(60, stop=("\x00never", stop)), make_generator(0))
+    assert result.text == full[: full.find(stop)]
+    assert result.completions[0].finish_reason == "stop"
+    streamed = "".join(c.text for c in sampler.stream(prompt, greedy(60, stop=(stop,)), make_generator(0)))
+    assert streamed == result.text
+
+
+def test_stop_string_filter_holds_back_possible_starts():
+    stops = StopStringFilter(["</end>", "xyz"])
+    assert stops.feed("abc</") == ("abc", False)
+    assert stops.feed("en") == ("", False)
+    assert stops.feed("x") == ("</en", False)
+    assert stops.feed("a") == ("xa", False)
+    assert stops.feed("--xy") == ("--", False)
+    assert stops.feed("zzz") == ("", True)
+
+
+def test_detokenizer_pieces_join_to_the_full_decode(tokenizer):
+    rng = random.Random(0)
+    byte_ids = [tokenizer.piece_to_id(f"<0x{b:02X}>") for b in range(256)]
+    text_ids = tokenizer.encode(MIXED + "Ünïcödé ✓ 日本語 🚀👍🏽 done\n")
+    assert set(text_ids) & set(byte_ids), "the test text must need byte-fallback pieces"
+    for trial in range(200):
+        if trial % 2:
+            ids = text_ids[rng.randrange(len(text_ids)):]
+        else:
+            pool = byte_ids + list(range(3, tokenizer.vocab_size))
+            ids = [rng.choice(pool) for _ in range(rng.randrange(1, 40))]
+        context = encode_prompt(tokenizer, rng.choice(["", "x = ", "中"]))
+        detok = IncrementalDetokenizer(tokenizer, context)
+        pieces = [detok.add(i) for i in ids] + [detok.flush()]
+        expected = tokenizer.decode(context + ids)[len(tokenizer.decode(context)):]
+        assert "".join(pieces) == expected
+
+
+def test_streaming_equals_the_whole_text_with_cjk_and_emoji(random_model, trained, tokenizer):
+    for model in (random_model, trained):
+        sampler = Sampler(model, tokenizer)
+        prompt = encode_prompt(tokenizer, "中文 😀 ")
+        for seed in range(4):
+            settings = SamplingSettings(max_new_tokens=70, temperature=1.3, ignore_eos=True)
+            generation = sampler.stream(prompt, settings, make_generator(seed))
+            streamed = "".join(chunk.text for chunk in generation)
+            ids = generation.result.completions[0].token_ids
+            assert streamed == generation.result.text
+            assert streamed == tokenizer.decode(prompt + ids)[len(tokenizer.decode(prompt)):]
+
+
+def test_streamed_text_of_valid_utf8_has_no_broken_characters(tokenizer, trained):
+    # Feeding a real text's ids through the sampler's detokenizer, as a model emitting them would.
+    ids = tokenizer.encode("日本語 🚀👍🏽 emoji and 中文字符")
+    detok = IncrementalDetokenizer(tokenizer, [tokenizer.bos_id])
+    pieces = [detok.add(i) for i in ids]
+    assert "".join(pieces) + detok.flush() == "日本語 🚀👍🏽 emoji and 中文字符"
+    assert not any("\ufffd" in p for p in pieces)
+    assert "" in pieces  # some ids were held back until their character was complete
+
+
+def test_batch_sampling(trained, tokenizer):
+    sampler = Sampler(trained, tokenizer)
+    prompt = encode_prompt(tokenizer, "for ")
+    single = sampler.generate(prompt, greedy(30), make_generator(0)).completions[0].token_ids
+    batch = sampler.generate(prompt, greedy(30, num_samples=3), make_generator(0))
+    assert [c.token_ids for c in batch.completions] == [single] * 3
+    generation = sampler.stream(prompt, SamplingSettings(max_new_tokens=30, temperature=1.0, num_samples=3),
+                                make_generator(1))
+    texts = ["", "", ""]
+    for chunk in generation:
+        texts[chunk.index] += chunk.text
+    assert texts == [c.text for c in generation.result.completions]
+    assert len(set(texts)) > 1
+    assert generation.result.new_tokens <= 90
+
+
+def test_long_prompt_is_cut_from_the_left_with_a_warning(trained, tokenizer):
+    class Warnings(Reporter):
+        def __init__(self):
+            self.seen = []
+
+        def warning(self, message):
+            self.seen.append(message)
+
+    sampler = Sampler(trained, tokenizer)
+    ctx = trained.config.context_length
+    prompt = encode_prompt(tokenizer, MIXED * 10)
+    assert len(prompt) > ctx
+    reporter = Warnings()
+    result = sampler.generate(prompt, greedy(10), make_generator(0), reporter)
+    assert result.prompt_truncated == len(prompt) - ctx and result.prompt_tokens == ctx
+    assert reporter.seen and "cut" in reporter.seen[0]
+    cut = sampler.generate(prompt[-ctx:], greedy(10), make_generator(0))
+    assert result.completions[0].token_ids == cut.completions[0].token_ids
+
+
+def test_eos_ends_a_sample_and_is_not_part_of_it(tokenizer, trained):
+    from hetlm.sampling import _SampleState
+
+    state = _SampleState(tokenizer, [tokenizer.bos_id], ())
+    ids = tokenizer.encode("x = 1")
+    chunks = [state.add(0, i, tokenizer.eos_id, last=False) for i in ids]
+    end = state.add(0, tokenizer.eos_id, tokenizer.eos_id, last=False)
+    assert end.finish_reason == "eos" and end.token_ids == []
+    assert "".join(c.text for c in chunks) + end.text == "x = 1"
+    assert state.completion(0).token_ids == ids
+
+
+def test_settings_are_validated():
+    for bad in ({"temperature": -1}, {"top_k": -1}, {"top_p": 0}, {"top_p": 1.5}, {"max_new_tokens": 0},
+                {"num_samples": 0}, {"stop": ("",)}, {"temperature": float("nan")}):
+        with pytest.raises(UsageError):
+            SamplingSettings(**bad).validate()
+    settings = SamplingSettings.from_config(SampleConfig(temperature=0.5, top_k=9), top_k=None, stop=["a"])
+    assert (settings.temperature, settings.top_k, settings.stop) == (0.5, 9, ("a",))
+
+
+def test_bad_prompts_are_refused(trained, tokenizer):
+    sampler = Sampler(trained, tokenizer)
+    with pytest.raises(UsageError):
+        sampler.generate([], greedy(5), make_generator(0))
+    with pytest.raises(UsageError):
+        sampler.generate([1, tokenizer.vocab_size], greedy(5), make_generator(0))
+
+
+def test_cli_generate_streams_text_and_reports_stats(cli, tiny_checkpoint, tokenizer, trained, tmp_path, monkeypatch):
+    # One thread: the planner's one per core crawls when other processes keep the cores busy.
+    args = ("generate", tiny_checkpoint, "--max-new-tokens", "40", "--temperature", "0", "--set", "device.threads=1")
+    streamed = cli(*args, "--prompt", "def 中文 😀")
+    assert streamed.code == 0, streamed.err
+    expected = Sampler(trained, tokenizer).generate(encode_prompt(tokenizer, "def 中文 😀"), SamplingSettings(
+        max_new_tokens=40, temperature=0), make_generator(0)).text
+    assert streamed.out == expected + "\n"
+    assert "tok/s" in streamed.err and "time to first token" in streamed.err
+    assert cli(*args, "--prompt", "def 中文 😀", "--no-stream").out == streamed.out
+    prompt_file = tmp_path / "prompt.txt"
+    prompt_file.write_text("def 中文 😀", encoding="utf-8")
+    assert cli(*args, "--prompt-file", prompt_file).out == streamed.out
+    import io
+
+    monkeypatch.setattr("sys.stdin", io.StringIO("def 中文 😀"))
+    assert cli(*args, "-").out == streamed.out
+
+
+def test_cli_generate_seed_stop_and_samples(cli, tiny_checkpoint):
+    args = ("generate", tiny_checkpoint, "-p", "import ", "-n", "30", "--temperature", "1.0", "--set", "device.threads=1")
+    first, again = cli(*args, "--seed", "5"), cli(*args, "--seed", "5")
+    assert first.code == 0 and first.out == again.out
+    stop = first.out[5:8]
+    stopped = cli(*args, "--seed", "5", "--stop", stop, "--stop", "\x01")
+    assert stopped.out == first.out[: first.out.find(stop)] + "\n"
+    batch = cli(*args, "--num-samples", "3")
+    assert batch.code == 0
+    assert [line for line in batch.out.splitlines() if line.startswith("=== sample")] == [
+        f"=== sample {i}/3 ===" for i in (1, 2, 3)]
+
+
+def test_cli_generate_bad_input(cli, tiny_checkpoint, tmp_path):
+    not_a_run = tmp_path / "empty"
+    not_a_run.mkdir()
+    cases = [
+        (not_a_run,), (tmp_path / "missing",),
+        (tiny_checkpoint, "--temperature", "-1"), (tiny_checkpoint, "--top-p", "0"), (tiny_checkpoint, "--top-p", "1.5"),
+        (tiny_checkpoint, "--top-k", "-2"), (tiny_checkpoint, "--max-new-tokens", "0"), (tiny_checkpoint, "--num-samples", "0"),
+        (tiny_checkpoint, "--stop", ""), (tiny_checkpoint, "--prompt", "a", "--prompt-file", tmp_path / "p.txt"),
+        (tiny_checkpoint, "--prompt-file", tmp_path / "missing.txt"), (tiny_checkpoint, "stray"),
+        (tiny_checkpoint, "--set", "model.d_model=8"), (tiny_checkpoint, "--set", "sample.top_p=2"),
+    ]
+    for args in cases:
+        result = cli("generate", *args)
+        assert result.code == 2, (args, result.err)
+        assert "error" in result.err and "Traceback" not in result.err
+        assert result.out == ""
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_plan_decodes_like_the_model(tiny_checkpoint, tokenizer):
+    from hetlm.planner import detect_inventory, make_plan
+
+    loaded = load_checkpoint(tiny_checkpoint, "cuda")
+    config = loaded.config
+    config.device.device = "cuda"
+    plan = make_plan(detect_inventory(), config, workload="infer")
+    sampler = Sampler(loaded.model, tokenizer, plan)
+    ids = torch.tensor([encode_prompt(tokenizer, MIXED)[:40]], device="cuda")
+    with torch.inference_mode():
+        cache = KVCache(loaded.model.config, 1, torch.device("cuda"), sampler.dtype)
+        with plan.autocast():
+            loaded.model(ids[:, :10], cache=cache)
+            full, _ = loaded.model(ids)
+        flat = sampler.decoder.flat_cache(cache)
+        for t in range(10, 40):
+            step = sampler.decoder.step(ids[:, t], cache, flat)
+            torch.testing.assert_close(step, full[:, t].float(), atol=0.15, rtol=0.05)
+    result = sampler.generate(ids[0].tolist(), SamplingSettings(max_new_tokens=100, temperature=0.8),
+                              make_generator(0, "cuda"))
+    assert result.new_tokens > 0 and result.text == "".join(
+        c.text for c in sampler.stream(ids[0].tolist(), SamplingSettings(max_new_tokens=100, temperature=0.8),
+                                       make_generator(0, "cuda")))

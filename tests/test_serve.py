@@ -1,0 +1,310 @@
+"""``hetlm serve`` against a real uvicorn on a free localhost port, spoken to by the official openai client."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import os
+import re
+import socket
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+import torch
+import uvicorn
+
+from hetlm.checkpoint import load_checkpoint
+from hetlm.planner import detect_inventory, make_plan
+from hetlm.serve import bind_warning, create_app
+from hetlm.tokenizer import Tokenizer
+
+NAME = "tiny"
+KEY = "sk-test-key"
+
+
+@contextlib.contextmanager
+def running(loaded, **options):
+    """A real uvicorn serving ``loaded`` on a free 127.0.0.1 port in a background thread; yields (url, app)."""
+    plan = make_plan(detect_inventory(), loaded.config, workload="infer")
+    loaded.model.to(plan.torch_device)
+    app = create_app(loaded, plan, model_name=NAME, **options)
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        assert thread.is_alive() and time.monotonic() < deadline, "server did not start"
+        time.sleep(0.02)
+    try:
+        yield f"http://127.0.0.1:{sock.getsockname()[1]}", app
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)
+        sock.close()
+
+
+@pytest.fixture(scope="module")
+def loaded(tiny_checkpoint):
+    return load_checkpoint(tiny_checkpoint)
+
+
+@pytest.fixture(scope="module")
+def tokenizer(loaded):
+    return Tokenizer.load(loaded.tokenizer_path)
+
+
+@pytest.fixture(scope="module")
+def server(loaded):
+    with running(loaded, api_key=KEY) as (url, app):
+        yield url, app
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=server[0] + "/v1", api_key=KEY, max_retries=0, timeout=60)
+
+
+def greedy(loaded, tokenizer, prompt: str, steps: int) -> str:
+    """The greedy continuation computed straight from the model, without a cache."""
+    ids = [tokenizer.bos_id] + tokenizer.encode(prompt)
+    new = []
+    model = loaded.model
+    with torch.no_grad():
+        for _ in range(steps):
+            logits = model(torch.tensor([ids + new], device=next(model.parameters()).device))[0]
+            token = int(logits[0, -1].argmax())
+            if token == 2:
+                break
+            new.append(token)
+    return tokenizer.decode(new)
+
+
+def test_completions_with_the_openai_client(client, loaded, tokenizer):
+    prompt = "def main("
+    response = client.completions.create(model=NAME, prompt=prompt, max_tokens=8, temperature=0)
+    choice = response.choices[0]
+    assert choice.text == greedy(loaded, tokenizer, prompt, 8)
+    assert choice.finish_reason in ("stop", "length")
+    # Text prompts start with BOS, like every training document.
+    assert response.usage.prompt_tokens == 1 + len(tokenizer.encode(prompt))
+    assert 0 < response.usage.completion_tokens <= 8
+    assert response.usage.total_tokens == response.usage.prompt_tokens + response.usage.completion_tokens
+
+    # Sampling is reproducible by seed; n and a list of prompts give prompts x n choices.
+    sampled = dict(model=NAME, max_tokens=6, temperature=1.0, top_p=0.9, seed=7, extra_body={"top_k": 20})
+    first = client.completions.create(prompt=["import ", "class "], n=2, **sampled)
+    again = client.completions.create(prompt=["import ", "class "], n=2, **sampled)
+    assert [c.index for c in first.choices] == [0, 1, 2, 3]
+    assert [c.text for c in first.choices] == [c.text for c in again.choices]
+    assert first.usage.prompt_tokens == 2 + len(tokenizer.encode("import ")) + len(tokenizer.encode("class "))
+
+    # max_tokens may run past the context: the sampler slides its window.
+    context = loaded.config.model.context_length
+    long = client.completions.create(model=NAME, prompt="def ", max_tokens=context + 10, temperature=0)
+    assert long.choices[0].finish_reason == "stop" or long.usage.completion_tokens == context + 10
+
+
+def test_stop_strings(client, loaded, tokenizer):
+    full = greedy(loaded, tokenizer, "x = ", 16)
+    assert len(full) >= 4, full
+    stop = full[2:4]
+    response = client.completions.create(model=NAME, prompt="x = ", max_tokens=16, temperature=0, stop=[stop])
+    assert response.choices[0].text == full[: full.index(stop)]
+    assert response.choices[0].finish_reason == "stop"
+
+
+def test_chat_completions(client, loaded, tokenizer):
+    messages = [{"role": "system", "content": "You write Python."}, {"role": "user", "content": "Say hi."}]
+    response = client.chat.completions.create(model=NAME, messages=messages, max_tokens=6, temperature=0)
+    message = response.choices[0].message
+    assert message.role == "assistant"
+    expected = greedy(loaded, tokenizer, "System: You write Python.\n\nUser: Say hi.\n\nAssistant:", 6)
+    for stop in ("\nUser:", "\nSystem:"):
+        expected = expected.split(stop)[0]
+    assert message.content == expected
+    assert response.usage.prompt_tokens == 1 + len(tokenizer.encode("System: You write Python.\n\nUser: Say hi.\n\nAssistant:"))
+
+
+def test_streaming(client):
+    request = dict(model=NAME, prompt="for i in ", max_tokens=10, temperature=0)
+    whole = client.completions.create(**request)
+    chunks = list(client.completions.create(stream=True, **request))
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == whole.choices[0].text
+    assert chunks[-1].choices[0].finish_reason == whole.choices[0].finish_reason
+    assert chunks[-1].usage.completion_tokens == whole.usage.completion_tokens
+
+    chat = dict(model=NAME, messages=[{"role": "user", "content": "hello"}], max_tokens=5, temperature=0)
+    stream = list(client.chat.completions.create(stream=True, stream_options={"include_usage": True}, **chat))
+    text = "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
+    assert text == client.chat.completions.create(**chat).choices[0].message.content
+    assert stream[0].choices[0].delta.role == "assistant"
+    assert stream[-1].choices == [] and stream[-1].usage.total_tokens > 0
+
+
+def test_raw_sse_format(server):
+    url, _ = server
+    body = {"model": NAME, "prompt": "a", "max_tokens": 3, "stream": True}
+    with httpx.stream("POST", url + "/v1/completions", json=body, headers={"Authorization": f"Bearer {KEY}"}) as r:
+        assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+        lines = [line for line in r.iter_lines() if line]
+    assert all(line.startswith("data: ") for line in lines)
+    assert lines[-1] == "data: [DONE]"
+    chunks = [json.loads(line[6:]) for line in lines[:-1]]
+    assert all(c["object"] == "text_completion" and c["model"] == NAME for c in chunks)
+
+
+def test_thirty_two_concurrent_clients(client):
+    def ask(i: int) -> str:
+        response = client.completions.create(model=NAME, prompt=f"value_{i} = ", max_tokens=4, temperature=0.8, seed=i)
+        assert response.usage.completion_tokens >= 1
+        return response.choices[0].finish_reason
+
+    with ThreadPoolExecutor(32) as pool:
+        reasons = list(pool.map(ask, range(32)))
+    assert len(reasons) == 32 and all(r in ("stop", "length") for r in reasons)
+
+
+def test_bad_requests_get_their_status(server, loaded):
+    url, _ = server
+    auth = {"Authorization": f"Bearer {KEY}"}
+    context = loaded.config.model.context_length
+    ok = {"model": NAME, "prompt": "a", "max_tokens": 2}
+    cases = [
+        (400, "invalid_json", {"content": b"{not json"}),
+        (400, "invalid_json", {"json": [1, 2]}),
+        (400, "invalid_json", {"content": b'{"prompt": ' + b"[" * 100_000}),
+        (400, "invalid_json", {"content": b"\xff\xfe"}),
+        (413, "body_too_large", {"content": b'{"prompt": "' + b"x" * (5 << 20) + b'"}'}),
+        (400, "invalid_request", {"json": {**ok, "frobnicate": 1}}),
+        (400, "invalid_request", {"json": {"model": NAME, "max_tokens": 2}}),
+        (400, "invalid_request", {"json": {**ok, "max_tokens": 0}}),
+        (400, "invalid_request", {"json": {**ok, "max_tokens": 10**9}}),
+        (400, "invalid_request", {"json": {**ok, "max_tokens": "2"}}),
+        (400, "invalid_request", {"json": {**ok, "temperature": -1}}),
+        (400, "invalid_request", {"json": {**ok, "top_p": 0}}),
+        (400, "invalid_request", {"json": {**ok, "top_k": -3}}),
+        (400, "invalid_request", {"json": {**ok, "n": 0}}),
+        (400, "invalid_request", {"json": {**ok, "stop": ["a", "b", "c", "d", "e"]}}),
+        (400, "invalid_request", {"json": {**ok, "prompt": [10**6]}}),
+        (400, "invalid_request", {"json": {**ok, "prompt": []}}),
+        (400, "unsupported_parameter", {"json": {**ok, "echo": True}}),
+        (400, "context_length_exceeded", {"json": {**ok, "prompt": [5] * (context + 1)}}),
+        (400, "context_length_exceeded", {"json": {**ok, "prompt": "x" * (40 * context)}}),
+        (404, "model_not_found", {"json": {**ok, "model": "gpt-4"}}),
+    ]
+    with httpx.Client(base_url=url, headers=auth, timeout=30) as http:
+        for status, code, request in cases:
+            response = http.post("/v1/completions", **request)
+            assert response.status_code == status, (request, response.text)
+            error = response.json()["error"]
+            assert error["code"] == code and error["message"] and error["type"], (request, error)
+        chat = {"model": NAME, "messages": [{"role": "tool", "content": "x"}]}
+        assert http.post("/v1/chat/completions", json=chat).status_code == 400
+        assert http.post("/v1/chat/completions", json={"model": NAME, "messages": []}).status_code == 400
+        assert http.post("/v1/chat/completions", json={"model": NAME, "messages": "hi"}).status_code == 400
+        missing = http.get("/v1/nothing-here")
+        assert missing.status_code == 404 and missing.json()["error"]["code"] == "not_found"
+        assert http.get("/v1/completions").status_code == 405
+        assert http.get("/v1/models/other").status_code == 404
+        models = http.get("/v1/models").json()
+        assert [m["id"] for m in models["data"]] == [NAME]
+    for headers, code in [({}, "missing_api_key"), ({"Authorization": "Bearer wrong"}, "invalid_api_key"),
+                          ({"Authorization": KEY}, "missing_api_key")]:
+        response = httpx.post(url + "/v1/completions", json=ok, headers=headers)
+        assert response.status_code == 401 and response.json()["error"]["code"] == code
+        assert httpx.get(url + "/v1/models", headers=headers).status_code == 401
+    # Health needs no key, and the server survived everything above.
+    assert httpx.get(url + "/health").json()["status"] == "ok"
+    assert httpx.post(url + "/v1/completions", json=ok, headers=auth).status_code == 200
+
+
+def test_saturated_server_answers_503(loaded):
+    serve = dataclasses.replace(loaded.config.serve, max_concurrency=1, max_queue=1)
+    with running(loaded, serve=serve) as (url, app):
+        engine = app.state.engine
+        body = {"model": NAME, "prompt": "a", "max_tokens": 2}
+        with ThreadPoolExecutor(2) as pool, engine.lock:
+            # With the model held, one request is admitted and one waits: the server is full.
+            pending = [pool.submit(httpx.post, url + "/v1/completions", json=body, timeout=30) for _ in range(2)]
+            deadline = time.monotonic() + 10
+            while engine.in_flight < 2:
+                assert time.monotonic() < deadline
+                time.sleep(0.01)
+            busy = httpx.post(url + "/v1/completions", json=body)
+            assert busy.status_code == 503 and busy.json()["error"]["code"] == "server_busy"
+            assert busy.headers["retry-after"] == "1"
+            assert httpx.get(url + "/health").status_code == 200
+        assert [f.result().status_code for f in pending] == [200, 200]
+
+
+def test_disconnected_stream_stops_its_generation(loaded):
+    with running(loaded) as (url, app):
+        engine = app.state.engine
+        body = {"model": NAME, "messages": [{"role": "user", "content": "hi"}], "stream": True,
+                "max_tokens": loaded.config.model.context_length // 2}
+        with engine.lock:
+            with httpx.stream("POST", url + "/v1/chat/completions", json=body) as response:
+                # The first chunk (the assistant role) comes before any token; then the client hangs up.
+                assert next(response.iter_lines()).startswith("data: ")
+            deadline = time.monotonic() + 10
+            while not (engine.active and engine.active[0].cancelled.is_set()):
+                assert time.monotonic() < deadline, "the server did not notice the disconnect"
+                time.sleep(0.01)
+        while engine.in_flight:
+            assert time.monotonic() < deadline + 10
+            time.sleep(0.01)
+        assert engine.stats == {"completed": 0, "cancelled": 1, "failed": 0}
+
+
+def test_bind_warning():
+    assert bind_warning("127.0.0.1", None) is None
+    assert bind_warning("0.0.0.0", "key") is None
+    assert "without an API key" in bind_warning("0.0.0.0", None)
+
+
+def test_serve_cli(tiny_checkpoint, tmp_path, cli):
+    from hetlm.deploy import deploy
+
+    bundle = deploy(tiny_checkpoint, tmp_path / "my-model")
+    assert cli("serve", tmp_path / "nothing").code == 2
+    bad_port = cli("serve", bundle, "--port", "70000")
+    assert bad_port.code == 2 and "serve.port" in bad_port.err
+    shape = cli("serve", bundle, "--set", "model.n_layers=3")
+    assert shape.code == 2 and "only serve.*" in shape.err
+    env = {**os.environ, "HETLM_API_KEY": KEY}
+    process = subprocess.Popen([sys.executable, "-m", "hetlm", "serve", str(bundle), "--port", "0"],
+                               stderr=subprocess.PIPE, text=True, env=env, cwd=Path(__file__).parent.parent)
+    try:
+        port = None
+        for line in process.stderr:
+            match = re.search(r"http://127\.0\.0\.1:(\d+)/v1", line)
+            if match:
+                port = int(match.group(1))
+                break
+        assert port, "the server did not report its address"
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                httpx.get(url + "/health")
+                break
+            except httpx.TransportError:
+                assert time.monotonic() < deadline
+                time.sleep(0.05)
+        client = openai.OpenAI(base_url=url + "/v1", api_key=KEY, max_retries=0)
+        assert client.models.list().data[0].id == "my-model"
+        assert client.completions.create(model="my-model", prompt="a", max_tokens=2).choices[0].text is not None
+        assert httpx.get(url + "/v1/models").status_code == 401
+    finally:
+        process.terminate()
+        process.wait(timeout=30)

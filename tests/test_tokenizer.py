@@ -1,0 +1,124 @@
+"""The lossless SentencePiece tokenizer: real training, real round trips."""
+
+from __future__ import annotations
+
+import pytest
+
+from hetlm.errors import UsageError
+from hetlm.preprocess import stdlib_root
+from hetlm.tokenizer import Tokenizer, train_tokenizer, training_sentences
+
+ADVERSARIAL = [
+    "def f(x):\n    if x:\n        return 1\n\treturn 2\n",
+    "    leading spaces",
+    "trailing spaces   \n   \n",
+    "a  b   c    d\t\te\t \tf",
+    "\n\n\n\nempty lines\n\n",
+    "windows\r\nline\r\nends\r\n",
+    "中文文本，日本語のテキスト，한국어 텍스트",
+    "emoji 😀🎉👩‍👩‍👧‍👦 flags 🇫🇷 skin 👍🏽",
+    "combining é vs é, ligature ﬁ, fullwidth Ａ, NBSP\u00a0here, zero-width\u200bjoiner",
+    "unseen: ᚠᛇᚻ ⠁⠃⠉ 𝔘𝔫𝔦𝔠𝔬𝔡𝔢 \U0010fffd \ue000",
+    "control <s> </s> <pad> <unk> literal pieces",
+    "▁ U+2581, the character SentencePiece uses for spaces: ▁▁ x▁y ▁",
+    "nul\x00and\x07bell\x1b[0m",
+    " ",
+    "",
+]
+
+
+@pytest.fixture(scope="module")
+def corpus() -> str:
+    files = sorted(stdlib_root().glob("*.py"))[:12]
+    return "".join(path.read_text(encoding="utf-8") for path in files)
+
+
+@pytest.fixture(scope="module")
+def tokenizer(corpus) -> Tokenizer:
+    return train_tokenizer(training_sentences(corpus), 400)
+
+
+@pytest.mark.parametrize("text", ADVERSARIAL)
+def test_round_trip_is_lossless(tokenizer, text):
+    ids = tokenizer.encode(text)
+    assert tokenizer.decode(ids) == text
+    assert tokenizer.unk_id not in ids
+
+
+def test_unseen_characters_fall_back_to_bytes(tokenizer):
+    ids = tokenizer.encode("ᚠ")
+    assert [tokenizer.id_to_piece(i) for i in ids] == ["<0xE1>", "<0x9A>", "<0xA0>"]
+
+
+def test_a_single_10mb_line_round_trips(tokenizer, corpus):
+    line = corpus.replace("\n", " ")
+    text = (line * (10_000_000 // len(line) + 1))[:10_000_000] + "末尾🙂"
+    assert "\n" not in text
+    ids = tokenizer.encode(text)
+    assert len(ids) < 0.8 * len(text)
+    assert tokenizer.decode(ids) == text
+
+
+def test_specials_and_ids(tokenizer):
+    assert (tokenizer.unk_id, tokenizer.bos_id, tokenizer.eos_id, tokenizer.pad_id) == (0, 1, 2, 3)
+    assert [tokenizer.id_to_piece(i) for i in range(4)] == ["<unk>", "<s>", "</s>", "<pad>"]
+    assert tokenizer.vocab_size == 400
+    ids = tokenizer.encode("hello world")
+    assert ids and ids[0] != tokenizer.bos_id and ids[-1] != tokenizer.eos_id
+    # Special-token text in the input is plain text, never a control id.
+    assert not {1, 2, 3} & set(tokenizer.encode("<s>x</s><pad>"))
+    assert tokenizer.encode_batch(["a b", "c"]) == [tokenizer.encode("a b"), tokenizer.encode("c")]
+
+
+def test_training_is_byte_identical(corpus, tokenizer):
+    again = train_tokenizer(training_sentences(corpus), 400)
+    assert again.model_proto == tokenizer.model_proto
+    assert again.sha256 == tokenizer.sha256
+    other = train_tokenizer(training_sentences(corpus), 420)
+    assert other.sha256 != tokenizer.sha256
+
+
+def test_save_and_load(tmp_path, tokenizer):
+    path = tmp_path / "tokenizer.model"
+    tokenizer.save(path)
+    loaded = Tokenizer.load(path)
+    assert loaded.sha256 == tokenizer.sha256 and loaded.path == path
+    assert loaded.encode("def main():\n\tpass") == tokenizer.encode("def main():\n\tpass")
+
+
+def test_load_errors(tmp_path):
+    with pytest.raises(UsageError, match="tokenizer not found"):
+        Tokenizer.load(tmp_path / "missing.model")
+    bad = tmp_path / "bad.model"
+    bad.write_bytes(b"this is not a model")
+    with pytest.raises(UsageError, match="not a SentencePiece model"):
+        Tokenizer.load(bad)
+
+
+def test_vocabulary_too_large_for_the_text():
+    with pytest.raises(UsageError, match=r"--vocab-size 5000 is too large for this corpus \(it supports at most \d+\)"):
+        train_tokenizer(["just a few words of text\n"] * 3, 5000)
+
+
+def test_unigram_is_lossless_too(corpus):
+    tok = train_tokenizer(training_sentences(corpus[:60_000]), 400, "unigram")
+    for text in ADVERSARIAL:
+        assert tok.decode(tok.encode(text)) == text
+
+
+def test_training_sentences_keep_every_character():
+    text = "line one\nline two\n" + "x" * 50_000 + "\nend"
+    sentences = list(training_sentences(text, max_bytes=4096))
+    assert "".join(sentences) == text
+    assert all(len(s.encode()) <= 4096 for s in sentences)
+    assert sentences[0].endswith("\n")
+
+
+def test_more_distinct_characters_than_the_vocabulary_holds_fall_back_to_bytes():
+    common = "".join(chr(0x4E00 + i) for i in range(100))
+    rare = "".join(chr(0x5E00 + i) for i in range(500))
+    text = (common + "\n") * 2000 + rare
+    tok = train_tokenizer(training_sentences(text), 400)
+    assert tok.settings["character_coverage"] < 1.0
+    assert tok.decode(tok.encode(rare)) == rare
+    assert tok.decode(tok.encode(common)) == common
