@@ -13,6 +13,16 @@ from pathlib import Path
 from typing import Any
 
 
+def _default_file_mode() -> int:
+    # mkstemp creates files 0600; output should get the mode a plain open() would give.
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
+FILE_MODE = _default_file_mode()
+
+
 def fsync_dir(path: Path) -> None:
     """Make a rename inside ``path`` durable (a no-op where directories cannot be opened)."""
     try:
@@ -35,6 +45,7 @@ def atomic_path(target: Path) -> Iterator[Path]:
     fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
     os.close(fd)
     tmp_path = Path(tmp)
+    os.chmod(tmp_path, FILE_MODE)
     try:
         yield tmp_path
         with open(tmp_path, "rb+") as handle:
@@ -67,6 +78,7 @@ def atomic_dir(target: Path) -> Iterator[Path]:
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
+    os.chmod(tmp, FILE_MODE | ((FILE_MODE & 0o444) >> 2))
     try:
         yield tmp
         for child in tmp.rglob("*"):
