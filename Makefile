@@ -21,8 +21,12 @@ demo: setup
 	$(BIN)/hetlm preprocess
 	$(BIN)/hetlm build --config configs/tiny.yaml
 	$(BIN)/hetlm train --config configs/tiny.yaml
-	@echo "data: data/python-stdlib (tokenizer.model, train.bin, val.bin, manifest.json)"
-	@echo "run:  runs/tiny (config.yaml, checkpoints/step-*/, metrics.jsonl, loss.png, tensorboard/)"
+	$(BIN)/hetlm eval runs/tiny
+	$(BIN)/hetlm generate runs/tiny --prompt "def main(" --max-new-tokens 80 --seed 0
+	$(BIN)/hetlm deploy runs/tiny --out bundles/tiny
+	@echo "data:   data/python-stdlib (tokenizer.model, train.bin, val.bin, manifest.json)"
+	@echo "run:    runs/tiny (config.yaml, checkpoints/step-*/, metrics.jsonl, eval.json, loss.png, tensorboard/)"
+	@echo "bundle: bundles/tiny (loads with transformers; serve it with: $(BIN)/hetlm serve bundles/tiny)"
 
 test: setup
 	$(BIN)/python -m pytest -q
@@ -35,4 +39,4 @@ lint: setup
 	$(BIN)/ruff check hetlm tests bench
 
 clean:
-	rm -rf $(VENV) runs data/*/
+	rm -rf $(VENV) runs bundles data/*/

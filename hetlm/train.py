@@ -59,16 +59,30 @@ TENSORBOARD = "tensorboard"
 EXIT_CODES = {"SIGINT": 130, "SIGTERM": 143}
 
 
+# Fitting the schedule to train.max_time: skip the first steps (compilation), then time at least
+# FIT_MIN_STEPS steps over max(FIT_MIN_SECONDS, FIT_FRACTION of the budget); plan for FIT_MARGIN of what is left.
+FIT_SKIP, FIT_MIN_STEPS, FIT_MIN_SECONDS, FIT_FRACTION, FIT_MARGIN = 3, 5, 1.0, 0.02, 0.97
+
+
 # --- pure pieces -----------------------------------------------------------------------------------
 
 
-def learning_rate_at(step: int, train: TrainConfig) -> float:
-    """Learning rate of the update made at 0-based ``step``: linear warmup, then cosine decay to min_lr."""
+def learning_rate_at(step: int, train: TrainConfig, fitted_steps: int = 0) -> float:
+    """Learning rate of the update made at 0-based ``step``: linear warmup, then cosine decay to min_lr.
+
+    The decay ends at train.decay_steps, else at ``fitted_steps`` (the steps a train.max_time budget
+    was measured to allow; see ``fit_decay_steps``), else at train.max_steps.
+    """
     if step < train.warmup_steps:
         return train.learning_rate * (step + 1) / train.warmup_steps
-    decay_end = train.decay_steps or train.max_steps
+    decay_end = train.decay_steps or fitted_steps or train.max_steps
     progress = min(1.0, (step - train.warmup_steps) / max(1, decay_end - train.warmup_steps))
     return train.min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (train.learning_rate - train.min_lr)
+
+
+def fit_decay_steps(step: int, seconds_per_step: float, seconds_left: float, train: TrainConfig) -> int:
+    """Steps a time budget allows: the cosine then ends where the clock will stop the run, not at max_steps."""
+    return max(step + 1, min(train.max_steps, step + int(seconds_left / seconds_per_step)))
 
 
 def accumulation_steps(train: TrainConfig, context_length: int, world_size: int) -> int:
@@ -132,6 +146,8 @@ class TrainStep:
         self.ddp = ddp
         self.world_size = world_size
         self.fused = bool(optimizer.param_groups[0].get("fused"))
+        # Set by the trainer once a train.max_time budget has been turned into a number of steps.
+        self.fitted_steps = 0
         device = next(model.parameters()).device
         self.loss_sum = torch.zeros((), device=device)
         self.good = torch.zeros((), device=device)
@@ -141,7 +157,7 @@ class TrainStep:
 
     def __call__(self, step: int, batches: Any) -> None:
         """Make the update numbered ``step`` (0-based) from ``accumulation`` batches of windows (B, T + 1)."""
-        lr = learning_rate_at(step, self.train)
+        lr = learning_rate_at(step, self.train, self.fitted_steps)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         step_loss = torch.zeros_like(self.loss_sum)
@@ -524,6 +540,7 @@ class _Trainer:
         self.fused = bool(self.optimizer.param_groups[0].get("fused"))
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=bool(self.plan.grad_scaler))
         self.step, self.tokens, self.bad_total, self.train_seconds = 0, 0, 0, 0.0
+        self.fitted_steps = 0
         self.best: tuple[float, int] | None = None
         seed = self.train_cfg.seed + self.procs.rank
         data_state = None
@@ -544,6 +561,7 @@ class _Trainer:
             if state.get("scaler") and self.scaler.is_enabled():
                 self.scaler.load_state_dict(state["scaler"])
             self.step, self.tokens = int(state["step"]), int(state["tokens"])
+            self.fitted_steps = int(state.get("schedule", {}).get("fitted_steps", 0))
             self.bad_total = int(state.get("bad_steps", 0))
             self.train_seconds = float(state.get("train_seconds", 0.0))
             if state.get("best") is not None:
@@ -628,6 +646,7 @@ class _Trainer:
             model = torch.compile(model)
         self.stepper = TrainStep(self.model, self.optimizer, self.scaler, self.plan, tc, self.accum,
                                  step_model=model, ddp=self.ddp, world_size=procs.world_size)
+        self.stepper.fitted_steps = self.fitted_steps
 
         records = _Records(self.run_dir, self.start_step, procs.main, self.reporter)
         stop = _StopFlag()
@@ -686,9 +705,13 @@ class _Trainer:
         train_loss: float | None = None
         checkpoint: Path | None = None
         evaluated_at = checkpointed_at = -1
+        fitting = self.max_time is not None and not tc.decay_steps and not self.fitted_steps
+        fit_from: tuple[int, float] | None = None
         while True:
             self.stepper(self.step, self.loader)
             self.step += 1
+            if fitting:
+                fit_from, fitting = self._fit_schedule(fit_from, started)
             self.tokens += self.tokens_per_step
             interval_steps += 1
             stopped_by = self._should_stop(stop, started)
@@ -701,8 +724,9 @@ class _Trainer:
                 train_loss = self._sync_counters()
                 rate = (self.step - last_log_step) * self.tokens_per_step / seconds if seconds > 0 else 0.0
                 record = {
-                    "kind": "train", "step": self.step, "loss": train_loss, "lr": learning_rate_at(self.step - 1, tc),
-                    "tokens": self.tokens, "tok_per_s": rate, "bad_steps": self.bad_total,
+                    "kind": "train", "step": self.step, "loss": train_loss,
+                    "lr": learning_rate_at(self.step - 1, tc, self.fitted_steps), "tokens": self.tokens,
+                    "tok_per_s": rate, "bad_steps": self.bad_total,
                     "elapsed_s": now - started, "eta_s": self._eta(seconds / max(1, interval_steps), started),
                 }
                 if self.plan.peak_flops:
@@ -728,6 +752,37 @@ class _Trainer:
             interval_start += time.monotonic() - paused
             if final:
                 return _LoopEnd(stopped_by, checkpoint, last_eval, train_loss, step_seconds)
+
+    def _fit_schedule(self, fit_from: tuple[int, float] | None, started: float) -> tuple[tuple[int, float] | None, bool]:
+        """Under train.max_time, time a few steps and end the cosine decay where the clock will stop the run.
+
+        Returns the timing start and whether fitting continues. The first FIT_SKIP steps (compilation,
+        allocator warm-up) are not timed. The fitted length is saved in trainer.pt, so a resumed run
+        follows the same schedule; every process takes rank 0's figure.
+        """
+        done = self.step - self.start_step
+        if done < FIT_SKIP:
+            return None, True
+        if fit_from is None:
+            _wait(self.device)
+            return (self.step, time.monotonic()), True
+        now = time.monotonic()
+        if done < FIT_SKIP + FIT_MIN_STEPS or now - fit_from[1] < max(FIT_MIN_SECONDS, FIT_FRACTION * self.max_time):
+            return fit_from, True
+        _wait(self.device)
+        now = time.monotonic()
+        per_step = (now - fit_from[1]) / (self.step - fit_from[0])
+        # Evaluations and checkpoints also spend the budget; FIT_MARGIN leaves them room.
+        left = (self.max_time - (now - started)) * FIT_MARGIN
+        fitted = torch.tensor(fit_decay_steps(self.step, per_step, left, self.train_cfg))
+        if self.procs.distributed:
+            tdist.broadcast(fitted, src=0, group=self.procs.control)
+        self.fitted_steps = self.stepper.fitted_steps = int(fitted)
+        self.reporter.info(
+            f"train.max_time: {per_step * 1000:.0f} ms per step, so the learning rate decays to train.min_lr "
+            f"by step {self.fitted_steps}"
+        )
+        return None, False
 
     def _sync_counters(self, keep: bool = False) -> float | None:
         """Read the step counters (one host sync); raise when too many bad steps came in a row."""
@@ -787,7 +842,7 @@ class _Trainer:
             "scaler": self.scaler.state_dict(),
             # The schedule has no state of its own: the learning rate is learning_rate_at(step, config).
             "schedule": {"kind": "warmup-cosine", **{k: getattr(self.train_cfg, k) for k in (
-                "learning_rate", "min_lr", "warmup_steps", "decay_steps", "max_steps")}},
+                "learning_rate", "min_lr", "warmup_steps", "decay_steps", "max_steps")}, "fitted_steps": self.fitted_steps},
             "bad_steps": self.bad_total,
             "train_seconds": self.train_seconds,
             "best": list(self.best) if self.best else None,
@@ -800,6 +855,14 @@ class _Trainer:
         save_checkpoint(path, self.model, self.config, self.data.tokenizer_path, state, info)
         prune_checkpoints(self.run_dir, self.train_cfg.keep_last)
         return path
+
+
+def _wait(device: torch.device) -> None:
+    """Wait for the device's queued work, so that wall time measures it."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    elif device.type == "mps":
+        torch.mps.synchronize()
 
 
 def _open_split(path: Path, split: str) -> np.ndarray:

@@ -21,7 +21,7 @@ from safetensors.torch import load_file
 from hetlm.checkpoint import list_checkpoints, load_checkpoint, load_trainer_state, read_manifest
 from hetlm.config import load_config
 from hetlm.model import flops_per_token, parameter_counts
-from hetlm.train import learning_rate_at
+from hetlm.train import fit_decay_steps, learning_rate_at
 
 TINY = {
     "model": {"n_layers": 1, "d_model": 32, "n_heads": 2, "context_length": 32},
@@ -88,6 +88,20 @@ def test_schedule_warms_up_then_decays_to_min_lr():
     assert learning_rate_at(500, train) == pytest.approx(0.001)
     rates = [learning_rate_at(s, train) for s in range(10, 110)]
     assert all(a >= b for a, b in zip(rates, rates[1:], strict=False))
+
+
+def test_a_fitted_length_ends_the_decay_unless_decay_steps_is_set():
+    train = load_config(None, ["train.learning_rate=0.01", "train.min_lr=0.001", "train.warmup_steps=10",
+                               "train.max_steps=1000"]).train
+    assert learning_rate_at(110, train, fitted_steps=110) == pytest.approx(0.001)
+    assert learning_rate_at(60, train, fitted_steps=110) == pytest.approx(0.0055)
+    assert learning_rate_at(110, train) > 0.009
+    train.decay_steps = 210
+    assert learning_rate_at(110, train, fitted_steps=110) == pytest.approx(0.0055)
+    # 20 s left at 0.1 s per step: 200 more steps, never past max_steps nor before the next step.
+    assert fit_decay_steps(50, 0.1, 20.0, train) == 250
+    assert fit_decay_steps(50, 0.1, 1e6, train) == 1000
+    assert fit_decay_steps(50, 10.0, 1.0, train) == 51
 
 
 # --- build ---------------------------------------------------------------------------------------------
@@ -281,6 +295,21 @@ def test_sigterm_and_sigint_finish_the_step_save_and_exit(tiny_data, tmp_path):
         step, path = list_checkpoints(runs[sig])[-1]
         assert step >= 3 and metrics(runs[sig], "train")[-1]["step"] == step
         assert load_trainer_state(path)["step"] == step
+
+
+def test_max_time_fits_the_decay_to_the_budget_and_saves_it(cli, tiny_data, tmp_path):
+    config = write_config(tmp_path, tiny_data, train={"max_steps": 1_000_000, "log_every": 20, "eval_every": 1_000_000,
+                                                        "checkpoint_every": 1_000_000})
+    run = tmp_path / "run"
+    result = cli("train", "--config", config, "--out", run, "--max-time", "4s")
+    assert result.code == 0, result.err
+    assert "decays to train.min_lr by step" in result.err
+    final = list_checkpoints(run)[-1][1]
+    fitted = load_trainer_state(final)["schedule"]["fitted_steps"]
+    step = read_manifest(final)["step"]
+    # The clock stopped the run within a few percent of the fitted length, so the rate ended near min_lr.
+    assert 0.8 * step < fitted < 1.2 * step
+    assert metrics(run, "train")[-1]["lr"] < 0.0003 + 0.1 * (0.003 - 0.0003)
 
 
 def test_resume_from_a_checkpoint_path_into_a_new_run(cli, tiny_data, tmp_path):

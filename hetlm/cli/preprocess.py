@@ -13,7 +13,8 @@ from hetlm.cli.app import app
 from hetlm.cli.options import ConfigOption, SetOption
 from hetlm.cli.render import RichReporter, stderr, stdout
 from hetlm.config import load_config
-from hetlm.preprocess import BUILTIN_CORPUS, default_preprocess_workers, preprocess
+from hetlm.planner import detect_inventory, make_plan
+from hetlm.preprocess import BUILTIN_CORPUS, preprocess
 
 
 @app.command("preprocess")
@@ -66,7 +67,8 @@ def preprocess_cmd(
             setattr(data, key, value)
     data.validate()
     with RichReporter(stderr) as reporter:
-        result = preprocess(resolved, inputs or [], out, workers=data.workers or default_preprocess_workers(),
+        plan = make_plan(detect_inventory(), resolved, workload="preprocess")
+        result = preprocess(resolved, inputs or [], out, workers=plan.preprocess_workers,
                             force=force, reporter=reporter)
     stderr.print(summary_table(result.manifest))
     if skipped := result.manifest.get("skipped"):
