@@ -387,6 +387,22 @@ def config_from_dict(mapping: dict[str, Any]) -> Config:
     return config
 
 
+def with_overrides(saved: Config, assignments: list[str] | tuple[str, ...], sections: tuple[str, ...]) -> Config:
+    """A model's saved configuration with ``--set section.key=value`` applied, only to ``sections``.
+
+    Commands that take a trained model (eval, generate, serve) may change how it runs, never what it is.
+    """
+    data = saved.to_dict()
+    for assignment in assignments:
+        key, value = parse_set(assignment)
+        section, _, leaf = key.partition(".")
+        if section not in sections or not leaf:
+            allowed = ", ".join(f"{name}.*" for name in sections)
+            raise ConfigError(f"--set {key}: only {allowed} keys can be changed here; the rest comes with the model")
+        data[section][leaf] = value
+    return config_from_dict(data)
+
+
 def save_config(config: Config, path: str | Path) -> None:
     from hetlm.io import atomic_write_text
 

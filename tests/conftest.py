@@ -8,9 +8,14 @@ import torch
 from hetlm.cli import run
 
 
-@pytest.fixture(autouse=True, scope="session")
+@pytest.fixture(autouse=True)
 def _one_torch_thread():
-    """Tiny test models run fastest on one thread; more threads only fight over the cores."""
+    """Tiny test models run fastest on one thread; more threads only fight over the cores.
+
+    Reset around every test: the CLI applies the plan (one thread per core), which lasts for the process.
+    """
+    torch.set_num_threads(1)
+    yield
     torch.set_num_threads(1)
 
 
@@ -84,3 +89,19 @@ def tiny_checkpoint(tiny_data, tmp_path_factory):
     save_checkpoint(run / "checkpoints" / step_dir_name(steps), model, config, tiny_data / "tokenizer.model",
                     info={"step": steps, "val_loss": val_loss})
     return run
+
+
+@pytest.fixture(scope="module")
+def loaded(tiny_checkpoint):
+    """The tiny checkpoint's model, loaded once per test module."""
+    from hetlm.checkpoint import load_checkpoint
+
+    return load_checkpoint(tiny_checkpoint)
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tiny_data):
+    """The tiny data folder's tokenizer (the tiny checkpoint's too)."""
+    from hetlm.tokenizer import Tokenizer
+
+    return Tokenizer.load(tiny_data / "tokenizer.model")

@@ -6,31 +6,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from hetlm.checkpoint import load_checkpoint
 from hetlm.errors import UsageError
 from hetlm.evaluate import count_bytes, evaluate, text_tokens, token_byte_lengths, windows
 from hetlm.preprocess import load_data_manifest, open_split
-from hetlm.tokenizer import Tokenizer
 
 TEXT = "def naïve(x):\n    return '中文字符' + \"😀🎉\"  # ✓\n" * 20
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """The CLI applies the plan (one thread per core), which lasts for the process; tiny models want one."""
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(1)
-
-
-@pytest.fixture(scope="module")
-def loaded(tiny_checkpoint):
-    return load_checkpoint(tiny_checkpoint)
-
-
-@pytest.fixture(scope="module")
-def tokenizer(loaded):
-    return Tokenizer.load(loaded.tokenizer_path)
 
 
 def reference_nll(model, tokens, stride):

@@ -17,22 +17,8 @@ from hetlm.sampling import (
     make_generator,
     sample_next,
 )
-from hetlm.tokenizer import Tokenizer
 
 MIXED = "def naïve(x):\n    return '中文字符' + \"😀🎉\"  # ok ✓\n"
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """The CLI applies the plan (one thread per core), which lasts for the process; tiny models want one."""
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(1)
-
-
-@pytest.fixture(scope="module")
-def tokenizer(tiny_data):
-    return Tokenizer.load(tiny_data / "tokenizer.model")
 
 
 @pytest.fixture(scope="module")

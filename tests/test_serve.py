@@ -21,10 +21,8 @@ import pytest
 import torch
 import uvicorn
 
-from hetlm.checkpoint import load_checkpoint
 from hetlm.planner import detect_inventory, make_plan
 from hetlm.serve import bind_warning, create_app
-from hetlm.tokenizer import Tokenizer
 
 NAME = "tiny"
 KEY = "sk-test-key"
@@ -51,16 +49,6 @@ def running(loaded, **options):
         server.should_exit = True
         thread.join(timeout=30)
         sock.close()
-
-
-@pytest.fixture(scope="module")
-def loaded(tiny_checkpoint):
-    return load_checkpoint(tiny_checkpoint)
-
-
-@pytest.fixture(scope="module")
-def tokenizer(loaded):
-    return Tokenizer.load(loaded.tokenizer_path)
 
 
 @pytest.fixture(scope="module")

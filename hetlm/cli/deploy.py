@@ -12,9 +12,9 @@ from hetlm.checkpoint import load_checkpoint
 from hetlm.cli.app import app
 from hetlm.cli.options import SetOption
 from hetlm.cli.render import RichReporter, stdout
-from hetlm.config import Config, config_from_dict, parse_set
+from hetlm.config import with_overrides
 from hetlm.deploy import DTYPES, deploy
-from hetlm.errors import HetlmError, UsageError
+from hetlm.errors import HetlmError
 
 # The model's shape and tokenizer come with the weights; only these sections may be overridden when serving.
 SERVE_OVERRIDABLE = ("serve", "sample", "device")
@@ -64,7 +64,7 @@ def serve_command(
 
     with RichReporter() as reporter:
         loaded = load_checkpoint(target, "cpu", reporter=reporter)
-    config = _with_overrides(loaded.config, set_ or [])
+    config = with_overrides(loaded.config, set_ or [], SERVE_OVERRIDABLE)
     changes = {k: v for k, v in {"host": host, "port": port, "max_concurrency": max_concurrency}.items() if v is not None}
     serve = dataclasses.replace(config.serve, **changes)
     serve.validate()
@@ -78,16 +78,3 @@ def serve_command(
     reporter.info(f"{name} on {plan.device} ({plan.dtype}), {serve.max_concurrency} concurrent, "
                   f"{serve.max_queue} queued at most")
     run_server(app_, serve.host, serve.port, reporter)
-
-
-def _with_overrides(saved: Config, assignments: list[str]) -> Config:
-    """The model's saved configuration with ``--set section.key=value`` applied (serve, sample and device only)."""
-    data = saved.to_dict()
-    for assignment in assignments:
-        key, value = parse_set(assignment)
-        section, _, leaf = key.partition(".")
-        if section not in SERVE_OVERRIDABLE or not leaf:
-            raise UsageError(f"--set {key}: only {', '.join(s + '.*' for s in SERVE_OVERRIDABLE)} keys can be changed "
-                             "here; the rest comes with the model")
-        data[section][leaf] = value
-    return config_from_dict(data)

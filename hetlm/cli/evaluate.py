@@ -15,7 +15,7 @@ from hetlm.checkpoint import LoadedModel, load_checkpoint
 from hetlm.cli.app import app
 from hetlm.cli.options import SetOption
 from hetlm.cli.render import RichReporter, stderr, stdout
-from hetlm.config import Config, config_from_dict, parse_set
+from hetlm.config import with_overrides
 from hetlm.errors import UsageError
 from hetlm.io import atomic_write_json
 
@@ -25,25 +25,12 @@ TargetArgument = Annotated[Path, typer.Argument(help="A run folder (its best che
 OVERRIDABLE = ("device", "eval", "sample")
 
 
-def with_overrides(saved: Config, assignments: list[str]) -> Config:
-    """The model's saved configuration with ``--set section.key=value`` applied (device, eval and sample only)."""
-    data = saved.to_dict()
-    for assignment in assignments:
-        key, value = parse_set(assignment)
-        section, _, leaf = key.partition(".")
-        if section not in OVERRIDABLE or not leaf:
-            raise UsageError(f"--set {key}: only {', '.join(s + '.*' for s in OVERRIDABLE)} keys can be changed here; "
-                             "the rest comes with the model")
-        data[section][leaf] = value
-    return config_from_dict(data)
-
-
 def _load(target: Path, assignments: list[str] | None):
     from hetlm.planner import detect_inventory, make_plan
 
     with RichReporter() as reporter:
         loaded = load_checkpoint(target, "cpu", reporter=reporter)
-    config = with_overrides(loaded.config, assignments or [])
+    config = with_overrides(loaded.config, assignments or [], OVERRIDABLE)
     plan = make_plan(detect_inventory(), config, workload="infer")
     plan.apply()
     loaded.model.to(plan.torch_device)
