@@ -31,9 +31,12 @@ demo: setup
 test: setup
 	$(BIN)/python -m pytest -q
 
+# Each script prints one JSON object; bench/shakespeare.py also needs tinyshakespeare.txt (see its --help).
 bench: setup
 	$(BIN)/python bench/preprocess.py
 	$(BIN)/python bench/train.py
+	$(BIN)/python bench/generate.py
+	$(BIN)/python bench/serve.py
 
 lint: setup
 	$(BIN)/ruff check hetlm tests bench
