@@ -462,7 +462,7 @@ def make_plan(inventory: Inventory, config: Config, workload: str = "train", wor
 
     micro_batch = config.train.micro_batch_size if training else config.eval.batch_size
     tokens_per_step = config.train.global_batch_tokens or micro_batch * model.context_length * world_size
-    compile_, why = _choose_compile(inventory, kind, config, workload, model, tokens_per_step / world_size, peak)
+    compile_, why = _choose_compile(inventory, kind, config, workload, model, tokens_per_step / world_size, peak, dtype)
     decisions.append(Decision("compile", "on" if compile_ else "off", why))
 
     pinned = kind == "cuda"
@@ -612,7 +612,8 @@ def _estimated_run_seconds(
 
 
 def _choose_compile(
-    inventory: Inventory, kind: str, config: Config, workload: str, model: ModelConfig, tokens_per_step: float, peak: float
+    inventory: Inventory, kind: str, config: Config, workload: str, model: ModelConfig, tokens_per_step: float, peak: float,
+    dtype: str = "fp32",
 ) -> tuple[bool, str]:
     wanted = config.device.compile
     if wanted != "auto":
@@ -625,6 +626,11 @@ def _choose_compile(
         return False, "no C compiler on PATH (Inductor needs one)"
     if workload != "train":
         return False, "incremental decoding changes shapes every step, so compiled graphs would keep recompiling"
+    if kind == "cpu" and dtype == "bf16" and model.dropout > 0:
+        return False, (
+            "compiled attention with dropout under bf16 autocast on the CPU gave non-finite gradients from the first "
+            "step (torch 2.13; eager and fp32 are fine), so dropout runs eager"
+        )
     seconds = _estimated_run_seconds(config, model, kind, config.train.micro_batch_size, tokens_per_step, peak)
     threshold = COMPILE_MIN_SECONDS[kind]
     estimate = f"the run is estimated at {_duration(seconds)}"

@@ -95,6 +95,9 @@ def test_no_gpu_amx_cpu():
     # A time limit bounds the run, so the compile no longer pays back.
     capped = plan_for("no-gpu", "model.d_model=512", "model.n_heads=8", "train.max_steps=20000", "train.max_time=2m")
     assert capped.compile is False
+    # Compiled bf16 attention with dropout gives non-finite gradients on the CPU: that run stays eager.
+    dropout = plan_for("no-gpu", "model.d_model=512", "model.n_heads=8", "train.max_steps=20000", "model.dropout=0.1")
+    assert dropout.dtype == "bf16" and dropout.compile is False and "non-finite" in decision(dropout, "compile").reason
 
 
 def test_cpu_without_amx_stays_fp32():
