@@ -26,6 +26,7 @@ import time
 from collections import Counter
 from pathlib import Path
 
+from hetlm.config import load_config
 from hetlm.preprocess import default_preprocess_workers, discover, iter_documents, load_data_manifest
 from hetlm.tokenizer import Tokenizer
 
@@ -128,7 +129,7 @@ def main() -> None:
                         help="alternate preprocess and baseline this many times; medians are reported (default 2)")
     parser.add_argument("--work-dir", type=Path, default=None, help="where the corpus is built (default: a temp dir)")
     args = parser.parse_args()
-    workers = args.workers or default_preprocess_workers()
+    workers = args.workers or default_preprocess_workers(load_config())
 
     work = Path(tempfile.mkdtemp(prefix="hetlm-bench-", dir=args.work_dir))
     try:

@@ -16,6 +16,7 @@ match is treated as torn and skipped.
 from __future__ import annotations
 
 import json
+import math
 import re
 import shutil
 from dataclasses import dataclass
@@ -120,6 +121,16 @@ def list_checkpoints(run_dir: Path, reporter: Reporter = NullReporter(), verify:
     return sorted(found)
 
 
+def best_checkpoint(checkpoints: list[tuple[int, Path]]) -> Path | None:
+    """The checkpoint with the lowest finite val_loss in its manifest (the newest on a tie), or None."""
+    scored = []
+    for step, path in checkpoints:
+        loss = (read_manifest(path, verify=False) or {}).get("val_loss")
+        if isinstance(loss, (int, float)) and math.isfinite(loss):
+            scored.append((loss, -step, path))
+    return min(scored)[2] if scored else None
+
+
 def is_run_dir(path: Path) -> bool:
     return (Path(path) / "checkpoints").is_dir()
 
@@ -137,11 +148,8 @@ def resolve_checkpoint(target: Path, prefer: str = "best", reporter: Reporter = 
         checkpoints = list_checkpoints(target, reporter)
         if not checkpoints:
             raise UsageError(f"run {target} has no complete checkpoint yet")
-        if prefer == "best":
-            scored = [(read_manifest(p, verify=False).get("val_loss"), step, p) for step, p in checkpoints]
-            scored = [(loss, -step, p) for loss, step, p in scored if isinstance(loss, (int, float))]
-            if scored:
-                return min(scored)[2]
+        if prefer == "best" and (best := best_checkpoint(checkpoints)) is not None:
+            return best
         return checkpoints[-1][1]
     if (target / "hetlm.json").is_file():
         return target

@@ -79,12 +79,11 @@ MAX_LISTED_SKIPS = 1000
 _BOS, _EOS = 1, 2
 
 
-def default_preprocess_workers() -> int:
-    """Worker processes when --workers is 0: every CPU this process may run on."""
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:  # macOS and Windows
-        return max(1, os.cpu_count() or 1)
+def default_preprocess_workers(config: Config) -> int:
+    """Worker processes when none are given: the device planner's choice (every usable CPU)."""
+    from hetlm.planner import detect_inventory, make_plan  # imports torch; only needed when no count is given
+
+    return make_plan(detect_inventory(), config, workload="preprocess").preprocess_workers
 
 
 # --------------------------------------------------------------------------- inputs
@@ -723,7 +722,7 @@ def preprocess(
     data = config.data
     data.validate()
     inputs = [str(i) for i in inputs]
-    workers = workers or default_preprocess_workers()
+    workers = workers or default_preprocess_workers(config)
     out_dir = resolve_out_dir(data, inputs, out)
     _check_writable(out_dir)
     started = time.perf_counter()

@@ -38,10 +38,10 @@ from hetlm.checkpoint import (
     STEP_DIR,
     TRAINER_STATE,
     WEIGHTS,
+    best_checkpoint,
     list_checkpoints,
     load_trainer_state,
     load_weights,
-    read_manifest,
     resolve_checkpoint,
     save_checkpoint,
     step_dir_name,
@@ -425,13 +425,8 @@ def prune_checkpoints(run_dir: Path, keep_last: int) -> None:
         if STEP_DIR.match(path.name) and path not in complete:
             shutil.rmtree(path, ignore_errors=True)
     keep = {path for _, path in found[-keep_last:]}
-    scored = []
-    for step, path in found:
-        loss = (read_manifest(path, verify=False) or {}).get("val_loss")
-        if isinstance(loss, (int, float)) and math.isfinite(loss):
-            scored.append((loss, -step, path))
-    if scored:
-        keep.add(min(scored)[2])
+    if (best := best_checkpoint(found)) is not None:
+        keep.add(best)
     for _, path in found:
         if path not in keep:
             # Removing the manifest first makes a half-deleted folder read as torn, never as complete.
