@@ -5,9 +5,11 @@ For each shape, on random tokens:
   planned   what `hetlm train` runs: the planner's dtype, compile choice and threads, AdamW fused where
             available, the background prefetch loader and the sync-free TrainStep.
 MFU counts 6 x parameters + attention FLOPs per token (hetlm.model.flops_per_token) against both the
-planner's peak and a matmul peak measured in this run, for the dtype each mode computes in.
+planner's peak and a square-matmul peak measured in each round, for the dtype each mode computes in.
+The modes alternate for --rounds rounds and medians are reported: a shared machine's speed drifts.
+The planner sizes the run by --max-steps, so its compile choice is the one a run that long would get.
 
-    .venv/bin/python bench/train.py [--shapes baby,10m] [--steps 30] [--warmup 5] [--vocab 4096]
+    .venv/bin/python bench/train.py [--shapes baby,10m] [--steps 20] [--rounds 3] [--warmup 5] [--vocab 0]
 """
 
 from __future__ import annotations
@@ -27,10 +29,10 @@ from hetlm.planner import detect_inventory, make_plan
 from hetlm.train import TrainStep, make_optimizer
 
 SHAPES = {
-    # nanoGPT's CPU "baby" run: 0.8M parameters at vocab 65.
-    "baby": {"n_layers": 4, "n_heads": 4, "d_model": 128, "context_length": 64, "batch": 12},
-    # nanoGPT's shakespeare-char GPU shape, about 10M parameters.
-    "10m": {"n_layers": 6, "n_heads": 6, "d_model": 384, "context_length": 256, "batch": 16},
+    # nanoGPT's CPU "baby" run on characters: 0.8M parameters at vocab 65.
+    "baby": {"n_layers": 4, "n_heads": 4, "d_model": 128, "context_length": 64, "vocab_size": 65, "batch": 12},
+    # nanoGPT's shakespeare-char GPU shape: about 10M parameters at vocab 65.
+    "10m": {"n_layers": 6, "n_heads": 6, "d_model": 384, "context_length": 256, "vocab_size": 65, "batch": 16},
 }
 
 
@@ -46,19 +48,25 @@ def matmul_peak(dtype: torch.dtype, seconds: float, n: int = 2048) -> float:
     return 2 * n**3 * reps / (time.perf_counter() - start)
 
 
-def timed(step, warmup: int, steps: int) -> tuple[float, float]:
-    """(seconds for ``steps`` steps after ``warmup`` untimed ones, seconds of the warmup)."""
+def warmed(step, sync, warmup: int) -> float:
+    """Seconds spent on ``warmup`` untimed steps (compilation happens here)."""
     start = time.perf_counter()
     for _ in range(warmup):
         step()
-    warm = time.perf_counter() - start
+    sync()
+    return time.perf_counter() - start
+
+
+def timed(step, sync, steps: int) -> float:
     start = time.perf_counter()
     for _ in range(steps):
         step()
-    return time.perf_counter() - start, warm
+    sync()
+    return time.perf_counter() - start
 
 
-def baseline(config, tokens: np.ndarray, batch: int, warmup: int, steps: int) -> tuple[float, float]:
+def baseline(config, tokens: np.ndarray, batch: int):
+    """A step function and its sync for the plain loop."""
     torch.manual_seed(0)
     model = Transformer(config.model).train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
@@ -73,13 +81,15 @@ def baseline(config, tokens: np.ndarray, batch: int, warmup: int, steps: int) ->
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
-    return timed(step, warmup, steps)
+    return step, lambda: None, lambda: None
 
 
-def planned(config, plan, tokens: np.ndarray, batch: int, warmup: int, steps: int) -> tuple[float, float]:
+def planned(config, plan, tokens: np.ndarray, batch: int):
+    """A step function, its sync and its clean-up for what `hetlm train` runs."""
     torch.manual_seed(0)
     device = plan.torch_device
     model = Transformer(config.model).to(device).train()
+    plan.prepare_model(model)
     optimizer = make_optimizer(model, config.train, device)
     scaler = torch.amp.GradScaler(device.type, enabled=plan.grad_scaler)
     step_model = torch.compile(model) if plan.compile else model
@@ -92,33 +102,25 @@ def planned(config, plan, tokens: np.ndarray, batch: int, warmup: int, steps: in
     def step() -> None:
         stepper(next(counter), loader)
 
-    def synced(run_steps: int) -> float:
-        start = time.perf_counter()
-        for _ in range(run_steps):
-            step()
-        stepper.read()  # waits for the device
-        return time.perf_counter() - start
-
-    try:
-        warm = synced(warmup)
-        return synced(steps), warm
-    finally:
-        loader.close()
+    # read() waits for the device, so the timed region ends when the work does.
+    return step, stepper.read, loader.close
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shapes", default="baby,10m", help="comma-separated: " + ", ".join(SHAPES))
-    parser.add_argument("--steps", type=int, default=30, help="timed steps per mode")
+    parser.add_argument("--steps", type=int, default=20, help="timed steps per mode and round")
+    parser.add_argument("--rounds", type=int, default=3, help="timed rounds, alternating the modes; medians are reported")
+    parser.add_argument("--max-steps", type=int, default=5000,
+                        help="train.max_steps the planner sizes the run by (5000: nanoGPT's shakespeare-char run)")
     parser.add_argument("--warmup", type=int, default=5, help="untimed steps first (compilation happens here)")
-    parser.add_argument("--vocab", type=int, default=4096)
+    parser.add_argument("--vocab", type=int, default=0, help="vocabulary size (0: the shape's own, 65 characters)")
     parser.add_argument("--compile", default="auto", choices=("auto", "on", "off"), help="device.compile for the planned mode")
     parser.add_argument("--threads", type=int, default=0, help="device.threads (0: the planner's choice)")
     parser.add_argument("--peak-seconds", type=float, default=1.0, help="time spent measuring each matmul peak")
     args = parser.parse_args()
 
     inventory = detect_inventory()
-    tokens = np.random.default_rng(0).integers(0, args.vocab, 1_000_000, dtype=np.int64).astype(np.uint16)
     report = {
         "benchmark": "train",
         "torch": torch.__version__,
@@ -126,13 +128,13 @@ def main() -> None:
         "note": "CPU figures from a machine whose 2 cores were shared with other processes are noisy",
         "shapes": {},
     }
-    peaks: dict[tuple[str, int], float] = {}
     for name in args.shapes.split(","):
         shape = dict(SHAPES[name])
         batch = shape.pop("batch")
-        overrides = [f"model.{k}={v}" for k, v in shape.items()] + [
-            f"model.vocab_size={args.vocab}", f"data.vocab_size={args.vocab}", f"train.micro_batch_size={batch}",
-            f"device.compile={args.compile}", f"device.threads={args.threads}",
+        shape["vocab_size"] = args.vocab or shape["vocab_size"]
+        tokens = np.random.default_rng(0).integers(0, shape["vocab_size"], 1_000_000, dtype=np.int64).astype(np.uint16)
+        overrides = [f"model.{k}={v}" for k, v in shape.items()] + [f"train.micro_batch_size={batch}",
+            f"device.compile={args.compile}", f"device.threads={args.threads}", f"train.max_steps={args.max_steps}",
         ]
         config = load_config(None, overrides)
         plan = make_plan(inventory, config, "train")
@@ -141,25 +143,42 @@ def main() -> None:
         tokens_per_step = batch * config.model.context_length
         entry = {"params": parameter_counts(config.model)["total"], "flops_per_token": fpt, "batch": batch,
                  "threads": plan.threads, "plan_peak_flops": plan.peak_flops}
+        runs = {}
         for mode, dtype in (("baseline", "fp32"), ("planned", plan.dtype)):
-            key = (dtype, plan.threads)
-            if key not in peaks and plan.torch_device.type == "cpu":
-                peaks[key] = matmul_peak(torch.bfloat16 if dtype == "bf16" else torch.float32, args.peak_seconds)
+            step, sync, close = baseline(config, tokens, batch) if mode == "baseline" else planned(config, plan, tokens, batch)
+            runs[mode] = (step, sync, close, warmed(step, sync, args.warmup), [], dtype)
+        on_cpu = plan.torch_device.type == "cpu"
+        peaks: dict[str, list[float]] = {dtype: [] for *_, dtype in runs.values()} if on_cpu else {}
+        try:
+            # Peaks are measured in every round too: on a shared machine the achievable rate drifts.
+            for _ in range(args.rounds):
+                for dtype, measured in peaks.items():
+                    measured.append(matmul_peak(torch.bfloat16 if dtype == "bf16" else torch.float32, args.peak_seconds))
+                for step, sync, _, _, times, _ in runs.values():
+                    times.append(timed(step, sync, args.steps))
+        finally:
+            for _, _, close, *_ in runs.values():
+                close()
+        for mode, (_, _, _, warm, times, dtype) in runs.items():
             if mode == "baseline":
-                seconds, warm = baseline(config, tokens, batch, args.warmup, args.steps)
                 label = "fp32 eager, AdamW default (foreach), inline batches"
             else:
-                seconds, warm = planned(config, plan, tokens, batch, args.warmup, args.steps)
                 probe = make_optimizer(torch.nn.Linear(1, 1), config.train, plan.torch_device)
                 fused = "fused" if probe.param_groups[0].get("fused") else "foreach"
-                label = f"{plan.dtype} on {plan.device}, compile {'on' if plan.compile else 'off'}, AdamW {fused}, prefetch thread"
-            rate = args.steps * tokens_per_step / seconds
-            result = {"mode": label, "tokens_per_s": round(rate), "step_ms": round(1000 * seconds / args.steps, 2),
-                      "warmup_s": round(warm, 2), "mfu_vs_plan_peak": round(rate * fpt / plan.peak_flops, 4)}
-            if key in peaks:
-                result["measured_matmul_peak_gflops"] = round(peaks[key] / 1e9, 1)
-                result["mfu_vs_measured_peak"] = round(rate * fpt / peaks[key], 4)
+                label = (f"{plan.dtype} (attention {plan.attention_dtype}) on {plan.device}, "
+                         f"compile {'on' if plan.compile else 'off'}, AdamW {fused}, prefetch thread")
+            rates = sorted(args.steps * tokens_per_step / t for t in times)
+            rate = rates[len(rates) // 2]
+            result = {"mode": label, "tokens_per_s": round(rate), "tokens_per_s_rounds": [round(r) for r in rates],
+                      "step_ms": round(1000 * tokens_per_step / rate, 2), "warmup_s": round(warm, 2),
+                      "mfu_vs_plan_peak": round(rate * fpt / plan.peak_flops, 4)}
+            if dtype in peaks:
+                peak = sorted(peaks[dtype])[len(peaks[dtype]) // 2]
+                result["measured_matmul_peak_gflops"] = round(peak / 1e9, 1)
+                result["matmul_peak_gflops_rounds"] = [round(p / 1e9) for p in sorted(peaks[dtype])]
+                result["mfu_vs_measured_peak"] = round(rate * fpt / peak, 4)
             entry[mode] = result
+        entry["compile_decision"] = next(d.reason for d in plan.decisions if d.stage == "compile")
         entry["speedup"] = round(entry["planned"]["tokens_per_s"] / entry["baseline"]["tokens_per_s"], 3)
         report["shapes"][name] = entry
     print(json.dumps(report, indent=2))

@@ -109,6 +109,8 @@ def score_tokens(model: Transformer, tokens: np.ndarray, stride: int = 0, batch_
     stride = stride or context
     device = next(model.parameters()).device
     autocast = plan.autocast if plan is not None else contextlib.nullcontext
+    if plan is not None:
+        plan.prepare_model(model)
     spans = list(windows(len(tokens), context, stride))
     total = torch.zeros((), dtype=torch.float64, device=device)
     count = 0

@@ -78,6 +78,8 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(config.d_model, config.kv_heads * config.head_dim, bias=False)
         self.v_proj = nn.Linear(config.d_model, config.kv_heads * config.head_dim, bias=False)
         self.o_proj = nn.Linear(config.n_heads * config.head_dim, config.d_model, bias=False)
+        # When set, attention runs in this dtype whatever autocast chose (see Transformer.set_attention_dtype).
+        self.compute_dtype: torch.dtype | None = None
 
     def forward(
         self,
@@ -102,18 +104,25 @@ class Attention(nn.Module):
             k = k.repeat_interleave(groups, dim=1)  # (B, H, S, E)
             v = v.repeat_interleave(groups, dim=1)
 
-        dropout = self.dropout if self.training else 0.0
-        if past == 0:
-            y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True)
-        elif T == 1:
-            # One new query sees every cached position: no mask needed.
-            y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout)
-        else:
+        mask = None
+        if past and T > 1:
             # Several new queries after a cached prefix: query i sees keys up to past + i.
             mask = torch.ones(T, past + T, dtype=torch.bool, device=x.device).tril(diagonal=past)
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)
+        # Without a cache the mask is causal; one new query after a cache sees every position, unmasked.
+        y = self._attend(q, k, v, mask, is_causal=past == 0)  # (B, H, T, E)
         y = y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)  # (B, T, H*E)
         return self.o_proj(y)
+
+
+    def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, is_causal: bool) -> torch.Tensor:
+        dropout = self.dropout if self.training else 0.0
+        dtype = self.compute_dtype
+        if dtype is None or q.dtype == dtype:
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, is_causal=is_causal)
+        with torch.autocast(q.device.type, enabled=False):
+            y = F.scaled_dot_product_attention(q.to(dtype), k.to(dtype), v.to(dtype), attn_mask=mask, dropout_p=dropout,
+                                               is_causal=is_causal)
+        return y.to(q.dtype)
 
 
 class MLP(nn.Module):
@@ -186,6 +195,15 @@ class Transformer(nn.Module):
                                    device=self.rope_cos.device)
             self.rope_cos.copy_(cos)
             self.rope_sin.copy_(sin)
+
+    def set_attention_dtype(self, dtype: torch.dtype | None) -> None:
+        """Run attention in ``dtype`` even inside an autocast region (None: autocast decides).
+
+        The planner asks for fp32 attention under CPU bf16 autocast: torch's CPU flash-attention kernel
+        is several times slower in bf16 than in fp32, while the matmuls around it gain from bf16.
+        """
+        for block in self.model.layers:
+            block.self_attn.compute_dtype = dtype
 
     def forward(
         self,

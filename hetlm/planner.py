@@ -29,12 +29,13 @@ from hetlm.model import flops_per_token, parameter_counts
 WORKLOADS = ("train", "infer", "preprocess")
 INVENTORY_ENV = "HETLM_INVENTORY"
 
-# bf16 autocast on the CPU pays only once matmuls dominate: on the nanoGPT "baby" shape
-# (d_model 128) the casts around each small op made it slower than fp32 (13.4k vs 20.1k tok/s).
+# Without AMX, AVX512-BF16 alone speeds up only large matmuls; below this width the casts around each
+# small op cost more than they save. (With AMX, bf16 pays at every size measured once attention runs in fp32.)
 CPU_BF16_MIN_D_MODEL = 256
-# torch.compile costs about a minute up front on a CPU (less on a GPU); it is worth it only when the
-# run is long enough for a ~20-30% faster step to win that back several times over.
-COMPILE_MIN_SECONDS = {"cpu": 600.0, "cuda": 300.0}
+# torch.compile costs 20-30 s up front on a CPU with a cold cache (less on a GPU). On the CPU with bf16 it
+# made steps 1.6-1.9x faster at 0.8M-10M parameters, so it pays back from about a minute and a half of
+# training; on a GPU small models gain less, so it needs a longer run.
+COMPILE_MIN_SECONDS = {"cpu": 90.0, "cuda": 300.0}
 # Fraction of peak FLOP/s a training step reaches, used only to guess a run's length.
 ASSUMED_MFU = 0.5
 # Launch-bound time of an eager GPU step, per Transformer layer and micro-batch.
@@ -340,6 +341,8 @@ class Plan:
     device: str
     # Autocast compute dtype; weights stay fp32.
     dtype: str
+    # The dtype attention runs in: the autocast dtype, or fp32 where the attention kernel is slow in it.
+    attention_dtype: str
     compile: bool
     threads: int
     pin_memory: bool
@@ -366,6 +369,10 @@ class Plan:
     @property
     def fits(self) -> bool:
         return all(m.fits for m in self.memory)
+
+    def prepare_model(self, model: Any) -> None:
+        """Give a Transformer the plan's per-module settings (where attention's dtype differs from autocast's)."""
+        model.set_attention_dtype(None if self.attention_dtype == self.dtype else _DTYPES[self.attention_dtype] or torch.float32)
 
     def autocast(self) -> contextlib.AbstractContextManager:
         """The autocast region forward passes run in (a no-op for fp32)."""
@@ -434,7 +441,7 @@ def make_plan(inventory: Inventory, config: Config, workload: str = "train", wor
         decisions.append(Decision("preprocess workers", str(workers), workers_why))
         threads = config.device.threads or inventory.cpu.cores
         return Plan(
-            workload=workload, device="cpu", dtype="fp32", compile=False, threads=threads, pin_memory=False,
+            workload=workload, device="cpu", dtype="fp32", attention_dtype="fp32", compile=False, threads=threads, pin_memory=False,
             non_blocking=False, loader="none", prefetch=config.device.prefetch, preprocess_workers=workers,
             grad_scaler=False, peak_flops=_cpu_peak(inventory.cpu, "fp32", threads), placements=(), memory=(),
             decisions=tuple(decisions), inventory=inventory,
@@ -449,6 +456,14 @@ def make_plan(inventory: Inventory, config: Config, workload: str = "train", wor
 
     dtype, why = _choose_dtype(inventory, cuda, kind, model, config.device.dtype)
     decisions.append(Decision("dtype", dtype, why))
+    attention_dtype = dtype
+    if kind == "cpu" and dtype == "bf16":
+        attention_dtype = "fp32"
+        decisions.append(Decision(
+            "attention", "fp32",
+            "torch's CPU flash-attention kernel is about 6x slower in bf16 than in fp32 (forward and backward at "
+            "the baby shape: 6.4 vs 1.0 ms), so attention upcasts while the matmuls around it stay bf16",
+        ))
     grad_scaler = training and dtype == "fp16"
     if grad_scaler:
         decisions.append(Decision("grad scaler", "on", "fp16 gradients underflow without loss scaling"))
@@ -498,6 +513,7 @@ def make_plan(inventory: Inventory, config: Config, workload: str = "train", wor
         workload=workload,
         device=device,
         dtype=dtype,
+        attention_dtype=attention_dtype,
         compile=compile_,
         threads=threads,
         pin_memory=pinned,
@@ -573,13 +589,14 @@ def _choose_dtype(inventory: Inventory, cuda: CudaDevice | None, kind: str, mode
     isa = "AMX" if cpu.amx else "AVX512-BF16" if cpu.avx512_bf16 else ""
     if not isa:
         return "fp32", "this CPU has no AMX or AVX512-BF16, so bf16 would be emulated and slower"
+    if cpu.amx:
+        return "bf16", "the CPU has AMX matrix units: bf16 matmuls run about 3x faster than fp32"
     if model.d_model < CPU_BF16_MIN_D_MODEL:
         return "fp32", (
-            f"the CPU has {isa}, but at d_model {model.d_model} < {CPU_BF16_MIN_D_MODEL} per-op casts outweigh "
-            "faster matmuls (baby shape measured 13.4k tok/s bf16 vs 20.1k fp32)"
+            f"the CPU has AVX512-BF16 but no AMX; at d_model {model.d_model} < {CPU_BF16_MIN_D_MODEL} per-op casts "
+            "would outweigh faster matmuls"
         )
-    speedup = "about 3x" if cpu.amx else "up to 2x"
-    return "bf16", f"the CPU has {isa}: bf16 matmuls run {speedup} faster than fp32 at d_model {model.d_model}"
+    return "bf16", f"the CPU has AVX512-BF16: bf16 matmuls run up to 2x faster than fp32 at d_model {model.d_model}"
 
 
 def _choose_threads(cpu: CpuInfo, kind: str, wanted: int, world_size: int) -> tuple[int, str]:
@@ -628,8 +645,8 @@ def _choose_compile(
         return False, "incremental decoding changes shapes every step, so compiled graphs would keep recompiling"
     if kind == "cpu" and dtype == "bf16" and model.dropout > 0:
         return False, (
-            "compiled attention with dropout under bf16 autocast on the CPU gave non-finite gradients from the first "
-            "step (torch 2.13; eager and fp32 are fine), so dropout runs eager"
+            "with dropout, drawing random masks dominates a CPU step and compiled steps measured no faster than eager "
+            "(0.46-0.61 s vs 0.50 s at d_model 192), so the compile time would be lost"
         )
     seconds = _estimated_run_seconds(config, model, kind, config.train.micro_batch_size, tokens_per_step, peak)
     threshold = COMPILE_MIN_SECONDS[kind]

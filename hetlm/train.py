@@ -631,6 +631,7 @@ class _Trainer:
             reason = next((d.reason for d in self.plan.decisions if d.stage == "memory"), "")
             self.reporter.warning(f"the plan says this may not fit in memory: {reason}")
 
+        self.plan.prepare_model(self.model)
         model: torch.nn.Module = self.model
         self.ddp = None
         if procs.distributed:

@@ -167,3 +167,34 @@ def test_logits_equal_transformers_llama(tie, kv_heads):
         ours = model(idx)[0]
         theirs = hf(input_ids=idx).logits
     torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-4)
+
+
+def test_attention_dtype_overrides_autocast():
+    config = tiny()
+    model = build(config).train()
+    idx = tokens(2, config.context_length)
+    seen: list[torch.dtype] = []
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+
+    def spy(q, *args, **kwargs):
+        seen.append(q.dtype)
+        return sdpa(q, *args, **kwargs)
+
+    reference, _ = model(idx, idx)
+    torch.nn.functional.scaled_dot_product_attention = spy
+    try:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            model(idx, idx)
+        assert set(seen) == {torch.bfloat16}
+        seen.clear()
+        model.set_attention_dtype(torch.float32)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            logits, loss = model(idx, idx)
+        assert set(seen) == {torch.float32}
+    finally:
+        torch.nn.functional.scaled_dot_product_attention = sdpa
+    # The output keeps autocast's dtype and the result stays close to fp32's; gradients reach every weight.
+    assert logits.dtype == torch.bfloat16
+    torch.testing.assert_close(logits.float(), reference, atol=0.05, rtol=0.05)
+    loss.backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
