@@ -27,9 +27,9 @@ ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_DATA = ROOT.parent / "shared" / "data" / "tinyshakespeare.txt"
 
 
-def hetlm(*args: str) -> subprocess.CompletedProcess:
+def hetlm(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     command = [sys.executable, "-m", "hetlm", *args]
-    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, env=env)
     if result.returncode != 0:
         sys.stderr.write(result.stderr)
         raise SystemExit(f"failed ({result.returncode}): {' '.join(command)}")
@@ -43,6 +43,8 @@ def main() -> None:
     parser.add_argument("--max-time", default="100s", help="training budget; start-up and the final save take ~5 s more")
     parser.add_argument("--set", action="append", default=[], dest="overrides")
     parser.add_argument("--work", type=Path, default=None, help="keep outputs here instead of a temporary folder")
+    parser.add_argument("--warm-cache", action="store_true",
+                        help="reuse torch.compile's usual cache (default: a fresh one, so compile time counts in full)")
     args = parser.parse_args()
     if not args.data.is_file():
         raise SystemExit(f"no data at {args.data}: pass --data PATH to tinyshakespeare.txt")
@@ -61,9 +63,12 @@ def main() -> None:
           "--config", args.config, *sets)
     preprocess_s = time.perf_counter() - started
 
+    env = dict(os.environ)
+    if not args.warm_cache:
+        env["TORCHINDUCTOR_CACHE_DIR"] = str(Path(tempfile.mkdtemp(prefix="inductor-", dir=work)))
     started = time.perf_counter()
     hetlm("train", "--config", args.config, "--set", f"data.dir={work / 'data'}", *sets,
-          "--out", str(work / "run"), "--resume", "never", "--max-time", args.max_time)
+          "--out", str(work / "run"), "--resume", "never", "--max-time", args.max_time, env=env)
     train_s = time.perf_counter() - started
 
     result = json.loads(hetlm("eval", str(work / "run"), "--text", str(work / "val.txt"), "--json").stdout)
@@ -77,6 +82,7 @@ def main() -> None:
         "val_characters": len(val_text),
         "preprocess_seconds": round(preprocess_s, 1),
         "train_wall_seconds": round(train_s, 1),
+        "compile_cache": "warm" if args.warm_cache else "cold",
         "val_loss_per_token": result.get("loss"),
         "bits_per_character": round(bits_per_char, 4),
         "nats_per_character": round(bits_per_char * math.log(2), 4),

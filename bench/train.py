@@ -7,7 +7,8 @@ For each shape, on random tokens:
 MFU counts 6 x parameters + attention FLOPs per token (hetlm.model.flops_per_token) against both the
 planner's peak and a square-matmul peak measured in each round, for the dtype each mode computes in.
 The modes alternate for --rounds rounds and medians are reported: a shared machine's speed drifts.
-The planner sizes the run by --max-steps, so its compile choice is the one a run that long would get.
+The planner sizes the run by --max-steps, so its compile choice is the one a run that long would get;
+where that is "off", a third mode shows the same plan compiled (what a longer run gets).
 
     .venv/bin/python bench/train.py [--shapes baby,10m] [--steps 20] [--rounds 3] [--warmup 5] [--vocab 0]
 """
@@ -92,8 +93,9 @@ def planned(config, plan, tokens: np.ndarray, batch: int):
     plan.prepare_model(model)
     optimizer = make_optimizer(model, config.train, device)
     scaler = torch.amp.GradScaler(device.type, enabled=plan.grad_scaler)
-    step_model = torch.compile(model) if plan.compile else model
-    stepper = TrainStep(model, optimizer, scaler, plan, config.train, step_model=step_model)
+    if plan.compile:
+        model.compile_blocks()
+    stepper = TrainStep(model, optimizer, scaler, plan, config.train)
     T = config.model.context_length
     loader = PrefetchLoader(tokens, batch, T + 1, torch.Generator().manual_seed(0), prefetch=plan.prefetch,
                             device=device, pin_memory=plan.pin_memory, non_blocking=plan.non_blocking)
@@ -143,10 +145,17 @@ def main() -> None:
         tokens_per_step = batch * config.model.context_length
         entry = {"params": parameter_counts(config.model)["total"], "flops_per_token": fpt, "batch": batch,
                  "threads": plan.threads, "plan_peak_flops": plan.peak_flops}
+        plans = {"baseline": None, "planned": plan}
+        if not plan.compile and args.compile == "auto" and inventory.compiler:
+            # What a run long enough for the planner to compile gets.
+            plans["planned_compiled"] = make_plan(inventory, load_config(None, [*overrides, "device.compile=on"]), "train")
         runs = {}
-        for mode, dtype in (("baseline", "fp32"), ("planned", plan.dtype)):
-            step, sync, close = baseline(config, tokens, batch) if mode == "baseline" else planned(config, plan, tokens, batch)
-            runs[mode] = (step, sync, close, warmed(step, sync, args.warmup), [], dtype)
+        for mode, mode_plan in plans.items():
+            if mode_plan is None:
+                step, sync, close = baseline(config, tokens, batch)
+            else:
+                step, sync, close = planned(config, mode_plan, tokens, batch)
+            runs[mode] = (step, sync, close, warmed(step, sync, args.warmup), [], mode_plan.dtype if mode_plan else "fp32")
         on_cpu = plan.torch_device.type == "cpu"
         peaks: dict[str, list[float]] = {dtype: [] for *_, dtype in runs.values()} if on_cpu else {}
         try:
@@ -160,13 +169,14 @@ def main() -> None:
             for _, _, close, *_ in runs.values():
                 close()
         for mode, (_, _, _, warm, times, dtype) in runs.items():
-            if mode == "baseline":
+            mode_plan = plans[mode]
+            if mode_plan is None:
                 label = "fp32 eager, AdamW default (foreach), inline batches"
             else:
-                probe = make_optimizer(torch.nn.Linear(1, 1), config.train, plan.torch_device)
+                probe = make_optimizer(torch.nn.Linear(1, 1), config.train, mode_plan.torch_device)
                 fused = "fused" if probe.param_groups[0].get("fused") else "foreach"
-                label = (f"{plan.dtype} (attention {plan.attention_dtype}) on {plan.device}, "
-                         f"compile {'on' if plan.compile else 'off'}, AdamW {fused}, prefetch thread")
+                label = (f"{mode_plan.dtype} (attention {mode_plan.attention_dtype}) on {mode_plan.device}, "
+                         f"compile {'on (blocks)' if mode_plan.compile else 'off'}, AdamW {fused}, prefetch thread")
             rates = sorted(args.steps * tokens_per_step / t for t in times)
             rate = rates[len(rates) // 2]
             result = {"mode": label, "tokens_per_s": round(rate), "tokens_per_s_rounds": [round(r) for r in rates],
@@ -179,7 +189,9 @@ def main() -> None:
                 result["mfu_vs_measured_peak"] = round(rate * fpt / peak, 4)
             entry[mode] = result
         entry["compile_decision"] = next(d.reason for d in plan.decisions if d.stage == "compile")
-        entry["speedup"] = round(entry["planned"]["tokens_per_s"] / entry["baseline"]["tokens_per_s"], 3)
+        for mode in plans:
+            if mode != "baseline":
+                entry[f"speedup_{mode}"] = round(entry[mode]["tokens_per_s"] / entry["baseline"]["tokens_per_s"], 3)
         report["shapes"][name] = entry
     print(json.dumps(report, indent=2))
 

@@ -32,14 +32,16 @@ INVENTORY_ENV = "HETLM_INVENTORY"
 # Without AMX, AVX512-BF16 alone speeds up only large matmuls; below this width the casts around each
 # small op cost more than they save. (With AMX, bf16 pays at every size measured once attention runs in fp32.)
 CPU_BF16_MIN_D_MODEL = 256
-# torch.compile costs 20-30 s up front on a CPU with a cold cache (less on a GPU). On the CPU with bf16 it
-# made steps 1.6-1.9x faster at 0.8M-10M parameters, so it pays back from about a minute and a half of
-# training; on a GPU small models gain less, so it needs a longer run.
-COMPILE_MIN_SECONDS = {"cpu": 90.0, "cuda": 300.0}
+# Compiling the blocks costs about 30 s up front on 2 CPU cores with a cold cache (a few seconds warm). On
+# the CPU with bf16 it made steps 1.4-1.9x faster at 0.8M-10M parameters, so it pays back from about three
+# minutes of training; on a GPU small models gain less, so it needs a longer run.
+COMPILE_MIN_SECONDS = {"cpu": 180.0, "cuda": 300.0}
 # Fraction of peak FLOP/s a training step reaches, used only to guess a run's length.
 ASSUMED_MFU = 0.5
-# Launch-bound time of an eager GPU step, per Transformer layer and micro-batch.
-ACCELERATOR_LAYER_SECONDS = 1e-3
+# Overhead-bound time of an eager step, per Transformer layer and micro-batch: small models never reach
+# ASSUMED_MFU. On a GPU it is kernel launches; on the CPU, dispatch and small ops (the nanoGPT baby shape
+# measured 7.5 ms per layer on 2 Xeon cores, where its FLOPs alone would take 3 ms).
+LAYER_SECONDS = {"cuda": 1e-3, "cpu": 6e-3}
 # RAM a process may plan to use: the rest stays for the OS and the page cache of the memmapped data.
 CPU_RAM_FRACTION = 0.85
 # Metal lets one process wire about two thirds of unified memory.
@@ -619,9 +621,9 @@ def _estimated_run_seconds(
     config: Config, model: ModelConfig, kind: str, micro_batch: int, tokens_per_step: float, peak: float
 ) -> float:
     step = tokens_per_step * _flops_per_token(model) / (peak * ASSUMED_MFU)
-    if kind == "cuda":
-        # Small models on a GPU are bound by kernel launches, not FLOPs: about 1 ms per layer and micro-batch.
-        step = max(step, ACCELERATOR_LAYER_SECONDS * model.n_layers * tokens_per_step / (micro_batch * model.context_length))
+    if kind in LAYER_SECONDS:
+        micro_batches = tokens_per_step / (micro_batch * model.context_length)
+        step = max(step, LAYER_SECONDS[kind] * model.n_layers * micro_batches)
     seconds = config.train.max_steps * step
     if config.train.max_time:
         seconds = min(seconds, parse_duration(config.train.max_time, "train.max_time"))

@@ -135,7 +135,7 @@ class TrainStep:
 
     A step whose loss or gradient norm is not finite changes no weights and counts as bad. Loss and
     bad-step counters stay on the device until ``read``, so a step never waits for the host.
-    ``step_model`` is what runs the forward pass (the model, or its DDP or compiled wrapper).
+    ``step_model`` is what runs the forward pass (the model, or its DDP wrapper).
     """
 
     def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, plan: Any,
@@ -640,7 +640,7 @@ class _Trainer:
             ids = [self.device.index] if self.device.type == "cuda" else None
             self.ddp = model = DistributedDataParallel(model, device_ids=ids)
         if self.plan.compile:
-            model = torch.compile(model)
+            self.model.compile_blocks()
         self.stepper = TrainStep(self.model, self.optimizer, self.scaler, self.plan, tc, self.accum,
                                  step_model=model, ddp=self.ddp, world_size=procs.world_size)
         self.stepper.fitted_steps = self.fitted_steps

@@ -198,3 +198,19 @@ def test_attention_dtype_overrides_autocast():
     torch.testing.assert_close(logits.float(), reference, atol=0.05, rtol=0.05)
     loss.backward()
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
+
+
+def test_compiled_blocks_match_eager_and_keep_parameter_names():
+    config = tiny()
+    eager, compiled = build(config).train(), build(config).train()
+    names = list(eager.state_dict())
+    compiled.compile_blocks()
+    assert list(compiled.state_dict()) == names
+    idx = tokens(2, config.context_length)
+    _, eager_loss = eager(idx, idx)
+    _, compiled_loss = compiled(idx, idx)
+    eager_loss.backward()
+    compiled_loss.backward()
+    torch.testing.assert_close(compiled_loss, eager_loss, atol=1e-5, rtol=1e-5)
+    for (name, a), b in zip(eager.named_parameters(), compiled.parameters(), strict=True):
+        torch.testing.assert_close(b.grad, a.grad, atol=1e-5, rtol=1e-4, msg=name)
