@@ -114,7 +114,9 @@ class Attention(nn.Module):
         return self.o_proj(y)
 
 
-    def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, is_causal: bool) -> torch.Tensor:
+    def _attend(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, is_causal: bool
+    ) -> torch.Tensor:
         dropout = self.dropout if self.training else 0.0
         dtype = self.compute_dtype
         if dtype is None or q.dtype == dtype:
