@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import statistics
 import time
 
 import numpy as np
@@ -49,16 +50,8 @@ def matmul_peak(dtype: torch.dtype, seconds: float, n: int = 2048) -> float:
     return 2 * n**3 * reps / (time.perf_counter() - start)
 
 
-def warmed(step, sync, warmup: int) -> float:
-    """Seconds spent on ``warmup`` untimed steps (compilation happens here)."""
-    start = time.perf_counter()
-    for _ in range(warmup):
-        step()
-    sync()
-    return time.perf_counter() - start
-
-
 def timed(step, sync, steps: int) -> float:
+    """Seconds for ``steps`` steps, until ``sync`` says the device is done."""
     start = time.perf_counter()
     for _ in range(steps):
         step()
@@ -155,7 +148,8 @@ def main() -> None:
                 step, sync, close = baseline(config, tokens, batch)
             else:
                 step, sync, close = planned(config, mode_plan, tokens, batch)
-            runs[mode] = (step, sync, close, warmed(step, sync, args.warmup), [], mode_plan.dtype if mode_plan else "fp32")
+            # The untimed warm-up steps are where compilation happens.
+            runs[mode] = (step, sync, close, timed(step, sync, args.warmup), [], mode_plan.dtype if mode_plan else "fp32")
         on_cpu = plan.torch_device.type == "cpu"
         peaks: dict[str, list[float]] = {dtype: [] for *_, dtype in runs.values()} if on_cpu else {}
         try:
@@ -178,12 +172,12 @@ def main() -> None:
                 label = (f"{mode_plan.dtype} (attention {mode_plan.attention_dtype}) on {mode_plan.device}, "
                          f"compile {'on (blocks)' if mode_plan.compile else 'off'}, AdamW {fused}, prefetch thread")
             rates = sorted(args.steps * tokens_per_step / t for t in times)
-            rate = rates[len(rates) // 2]
+            rate = statistics.median(rates)
             result = {"mode": label, "tokens_per_s": round(rate), "tokens_per_s_rounds": [round(r) for r in rates],
                       "step_ms": round(1000 * tokens_per_step / rate, 2), "warmup_s": round(warm, 2),
                       "mfu_vs_plan_peak": round(rate * fpt / plan.peak_flops, 4)}
             if dtype in peaks:
-                peak = sorted(peaks[dtype])[len(peaks[dtype]) // 2]
+                peak = statistics.median(peaks[dtype])
                 result["measured_matmul_peak_gflops"] = round(peak / 1e9, 1)
                 result["matmul_peak_gflops_rounds"] = [round(p / 1e9) for p in sorted(peaks[dtype])]
                 result["mfu_vs_measured_peak"] = round(rate * fpt / peak, 4)

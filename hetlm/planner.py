@@ -374,7 +374,10 @@ class Plan:
 
     def prepare_model(self, model: Any) -> None:
         """Give a Transformer the plan's per-module settings (where attention's dtype differs from autocast's)."""
-        model.set_attention_dtype(None if self.attention_dtype == self.dtype else _DTYPES[self.attention_dtype] or torch.float32)
+        if self.attention_dtype == self.dtype:
+            model.set_attention_dtype(None)
+        else:
+            model.set_attention_dtype(_DTYPES[self.attention_dtype] or torch.float32)
 
     def autocast(self) -> contextlib.AbstractContextManager:
         """The autocast region forward passes run in (a no-op for fp32)."""
@@ -588,8 +591,7 @@ def _choose_dtype(inventory: Inventory, cuda: CudaDevice | None, kind: str, mode
         )
     if kind == "mps":
         return "fp32", "MPS autocast gains little for small models and fp16 would need loss scaling; fp32 is the safe default"
-    isa = "AMX" if cpu.amx else "AVX512-BF16" if cpu.avx512_bf16 else ""
-    if not isa:
+    if not (cpu.amx or cpu.avx512_bf16):
         return "fp32", "this CPU has no AMX or AVX512-BF16, so bf16 would be emulated and slower"
     if cpu.amx:
         return "bf16", "the CPU has AMX matrix units: bf16 matmuls run about 3x faster than fp32"
