@@ -62,7 +62,11 @@ class ModelConfig:
     rope_theta: float = 10000.0
     norm_eps: float = 1e-5
     tie_embeddings: bool = True
+    # Dropout on the embedding and on each residual branch (attention and MLP outputs).
     dropout: float = 0.0
+    # Dropout on the attention weights (Hugging Face's name). It moves CPU attention off the flash kernel
+    # onto a path that materialises the scores: measured ~1.6x slower steps there, against ~1.1x for ``dropout``.
+    attention_dropout: float = 0.0
     init_std: float = 0.02
     # 0 means "take it from the data folder's tokenizer".
     vocab_size: int = 0
@@ -93,6 +97,7 @@ class ModelConfig:
         _check(self.n_heads % self.kv_heads == 0,
                f"model.n_heads ({self.n_heads}) must be a multiple of model.n_kv_heads ({self.kv_heads})")
         _check(0.0 <= self.dropout < 1.0, "model.dropout must be in [0, 1)")
+        _check(0.0 <= self.attention_dropout < 1.0, "model.attention_dropout must be in [0, 1)")
         _check(self.rope_theta > 0 and self.norm_eps > 0 and self.init_std > 0,
                "model.rope_theta, model.norm_eps and model.init_std must be positive")
 

@@ -300,11 +300,13 @@ class _FastDecoder:
     def _normalized(self, x: torch.Tensor) -> torch.Tensor:
         return x / torch.hypot(torch.linalg.vector_norm(x, dim=-1, keepdim=True), self.norm_floor)
 
-    def flat_cache(self, cache: KVCache) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """Each layer's (B, K, T, E) keys and values seen as (B*K, T, E): one matrix product per key/value head."""
-        return [(k.flatten(0, 1), v.flatten(0, 1)) for k, v in zip(cache.keys, cache.values, strict=True)]
+    def flat_cache(self, cache: KVCache) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """Per layer: the (2, B, K, T, E) keys-and-values tensor, and its keys and values seen as (B*K, T, E)
+        (one matrix product per key/value head)."""
+        return [(kv, kv[0].flatten(0, 1), kv[1].flatten(0, 1)) for kv in cache.layers]
 
-    def step(self, tokens: torch.Tensor, cache: KVCache, flat: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+    def step(self, tokens: torch.Tensor, cache: KVCache, flat: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
+             ) -> torch.Tensor:
         """tokens (B,) at position cache.length -> logits (B, V) in fp32; ``flat`` is ``flat_cache(cache)``."""
         B, H, K, E, D = tokens.shape[0], self.n_heads, self.kv_heads, self.head_dim, self.d_model
         pos = cache.length
@@ -312,13 +314,13 @@ class _FastDecoder:
         low = self.dtype != torch.float32
         x = F.embedding(tokens, self.embed)  # (B, D)
         cos, sin = self.cos[pos], self.sin[pos]  # (E,)
-        for (qkv_w, o_w, gate_up_w, down_w), (keys, values) in zip(self.layers, flat, strict=True):
-            qk, v = torch.mm(self._normalized(x), qkv_w).view(B, H + 2 * K, E).split_with_sizes((H + K, K), dim=1)
-            q, k = torch.addcmul(qk * cos, qk.roll(E // 2, dims=-1), sin).split_with_sizes((H, K), dim=1)  # RoPE
-            keys[:, pos] = k.reshape(B * K, E)
-            values[:, pos] = v.reshape(B * K, E)
+        for (qkv_w, o_w, gate_up_w, down_w), (kv, keys, values) in zip(self.layers, flat, strict=True):
+            qkv = torch.mm(self._normalized(x), qkv_w).view(B, H + 2 * K, E)
+            qk = qkv[:, : H + K]
+            torch.addcmul(qk * cos, qk.roll(E // 2, dims=-1), sin, out=qk)  # RoPE on queries and keys, in place
+            kv.select(3, pos).copy_(qkv[:, H:].view(B, 2, K, E).transpose(0, 1))  # (2, B, K, E): this step's k, v
             # Query heads grouped by the key/value head they share: (B*K, H/K, E).
-            scores = torch.bmm(q.reshape(B * K, H // K, E), keys[:, :end].transpose(1, 2))  # (B*K, H/K, end)
+            scores = torch.bmm(qkv[:, :H].reshape(B * K, H // K, E), keys[:, :end].transpose(1, 2))  # (B*K, H/K, end)
             weights = torch.softmax(scores.float(), dim=-1).to(values.dtype) if low else torch.softmax(scores, dim=-1)
             x = torch.addmm(x, torch.bmm(weights, values[:, :end]).view(B, D), o_w)
             gate, up = torch.mm(self._normalized(x), gate_up_w).chunk(2, dim=-1)

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from hetlm.config import ModelConfig
-from hetlm.model import KVCache, Transformer, flops_per_token, parameter_counts
+from hetlm.model import KVCache, Transformer, apply_dropout, dropout_noise, flops_per_token, parameter_counts
 
 V = 97
 
@@ -214,3 +214,31 @@ def test_compiled_blocks_match_eager_and_keep_parameter_names():
     torch.testing.assert_close(compiled_loss, eager_loss, atol=1e-5, rtol=1e-5)
     for (name, a), b in zip(eager.named_parameters(), compiled.parameters(), strict=True):
         torch.testing.assert_close(b.grad, a.grad, atol=1e-5, rtol=1e-4, msg=name)
+
+
+def test_residual_dropout_drops_p_and_keeps_the_mean():
+    x = torch.ones(64, 128, 32)
+    torch.manual_seed(0)
+    noise = dropout_noise(x, 3)
+    assert noise.shape == (3, 64, 128, 32) and noise.dtype == torch.int16
+    dropped = apply_dropout(x, noise[1], 0.1)
+    assert (dropped == 0).float().mean().item() == pytest.approx(0.1, abs=0.005)
+    assert dropped.mean().item() == pytest.approx(1.0, abs=0.01)
+    # Other draws give other masks; the same seed gives the same ones.
+    assert not torch.equal(noise[0], noise[1])
+    torch.manual_seed(0)
+    assert torch.equal(dropout_noise(x, 3), noise)
+
+
+def test_dropout_acts_only_in_training():
+    model = build(tiny(dropout=0.2, attention_dropout=0.2))
+    idx = torch.randint(0, V, (2, 16))
+    model.eval()
+    assert torch.equal(model(idx)[0], model(idx)[0])
+    model.train()
+    torch.manual_seed(1)
+    first, loss = model(idx, idx)
+    torch.manual_seed(2)
+    assert not torch.allclose(first, model(idx)[0])
+    loss.backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())

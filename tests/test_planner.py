@@ -96,9 +96,14 @@ def test_no_gpu_amx_cpu():
     # A time limit bounds the run, so the compile no longer pays back.
     capped = plan_for("no-gpu", "model.d_model=512", "model.n_heads=8", "train.max_steps=20000", "train.max_time=1m")
     assert capped.compile is False
-    # With dropout a CPU step is mostly random masks; compiling does not speed it up.
+    # Residual dropout compiles; attention dropout takes CPU attention off the flash kernel, where compiling does not pay.
     dropout = plan_for("no-gpu", "model.d_model=512", "model.n_heads=8", "train.max_steps=20000", "model.dropout=0.1")
-    assert dropout.dtype == "bf16" and dropout.compile is False and "random masks" in decision(dropout, "compile").reason
+    assert dropout.compile is True
+    attention = plan_for("no-gpu", "model.d_model=512", "model.n_heads=8", "train.max_steps=20000",
+                         "model.attention_dropout=0.1")
+    assert attention.dtype == "bf16" and attention.compile is False
+    assert "flash kernel" in decision(attention, "compile").reason
+    assert attention.memory[0].activations > dropout.memory[0].activations
 
 
 def test_cpu_without_amx_stays_fp32():
