@@ -112,9 +112,12 @@ class Attention(nn.Module):
         layer: int = 0,
     ) -> torch.Tensor:
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, E)
-        k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, K, T, E)
-        v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, K, T, E)
+        H, K, E = self.n_heads, self.n_kv_heads, self.head_dim
+        # One product for queries, keys and values (the parameters keep HF's names): fewer, larger matmuls
+        # made a compiled CPU training step 10-15% faster at d_model 128.
+        weight = torch.cat([self.q_proj.weight, self.k_proj.weight, self.v_proj.weight])  # ((H+2K)*E, D)
+        qkv = F.linear(x, weight).view(B, T, H + 2 * K, E).transpose(1, 2)  # (B, H+2K, T, E)
+        q, k, v = qkv.split((H, K, K), dim=1)  # (B, H, T, E), (B, K, T, E), (B, K, T, E)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
 
         past = 0
@@ -158,7 +161,9 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(config.ffn_dim, config.d_model, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        # Gate and up in one product, like queries, keys and values.
+        gate, up = F.linear(x, torch.cat([self.gate_proj.weight, self.up_proj.weight])).chunk(2, dim=-1)
+        return self.down_proj(F.silu(gate) * up)
 
 
 class Block(nn.Module):
