@@ -9,6 +9,7 @@ fallback so an unseen character becomes its UTF-8 bytes instead of ``<unk>``.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import io
 import re
@@ -98,6 +99,21 @@ class Tokenizer:
 
     def decode(self, ids: Iterable[int]) -> str:
         return self.processor.Decode([int(i) for i in ids])
+
+    @functools.cached_property
+    def plain_texts(self) -> tuple[str | None, ...]:
+        """Per id, the text it adds to any complete text; None for byte pieces (they combine into
+        characters), control and unknown pieces. Lets streaming skip a decode per token."""
+        p = self.processor
+        texts: list[str | None] = []
+        for i in range(p.GetPieceSize()):
+            text = None
+            if not (p.IsControl(i) or p.IsUnknown(i) or p.IsByte(i) or p.IsUnused(i)):
+                text = p.IdToPiece(i).replace(_META, " ")
+                if p.Decode([i]) != text:
+                    text = None
+            texts.append(text)
+        return tuple(texts)
 
     def id_to_piece(self, token_id: int) -> str:
         return self.processor.IdToPiece(int(token_id))
