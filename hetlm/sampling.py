@@ -411,6 +411,7 @@ class Sampler:
         history = torch.empty((B, len(prompt) + settings.max_new_tokens), dtype=torch.long, device=self.device)
         history[:, : len(prompt)] = torch.tensor(prompt, dtype=torch.long, device=self.device)
         n, window_start = len(prompt), 0
+        next_ids = history[:, n - 1]  # the newest ids, fed to the next single-token step
         with torch.inference_mode():
             cache = KVCache(self.model.config, B, self.device, self.dtype) if settings.use_cache else None
             flat = self.decoder.flat_cache(cache) if cache is not None else []
@@ -431,7 +432,7 @@ class Sampler:
                         cache.length = 0
                     logits = self._forward_last(history[:, window_start:n], cache)
                 elif cache is not None:
-                    logits = self.decoder.step(next_ids, cache, flat)  # the ids sampled last step
+                    logits = self.decoder.step(next_ids, cache, flat)
                 else:
                     logits = self._forward_last(history[:, window_start:n], None)
                 next_ids = sample_next(logits, settings, generator)
