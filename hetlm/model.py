@@ -51,14 +51,17 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 
 def dropout_noise(like: torch.Tensor, copies: int) -> torch.Tensor:
-    """Uniform random int16s of shape (copies, *like.shape), from the global RNG like ``nn.Dropout``.
+    """Uniform random int16s of shape (copies, *like.shape), from the device's default RNG like ``nn.Dropout``.
 
-    Drawn as 64-bit words viewed as four int16s: on the CPU this is ~7x cheaper than ``bernoulli_``, and
-    inductor's per-element random numbers inside a compiled block cost as much as the rest of the step.
+    On the CPU they are drawn as 64-bit words viewed as four int16s, ~7x cheaper than ``bernoulli_`` (and
+    inductor's per-element random numbers inside a compiled block cost as much as the rest of the step).
     """
+    shape = (copies, *like.shape)
+    if like.device.type != "cpu":
+        return torch.randint(-(2**15), 2**15, shape, dtype=torch.int16, device=like.device)
     count = copies * like.numel()
-    words = torch.empty(-(-count // 4), dtype=torch.int64, device=like.device).random_(-(2**63), None)
-    return words.view(torch.int16)[:count].view(copies, *like.shape)
+    words = torch.empty(-(-count // 4), dtype=torch.int64).random_(-(2**63), None)
+    return words.view(torch.int16)[:count].view(shape)
 
 
 def apply_dropout(x: torch.Tensor, noise: torch.Tensor, p: float) -> torch.Tensor:
