@@ -125,7 +125,7 @@ def hf_config(config: Config, dtype: str) -> dict[str, Any]:
         "hidden_act": "silu",
         "attention_bias": False,
         "mlp_bias": False,
-        "attention_dropout": 0.0,
+        "attention_dropout": m.attention_dropout,
         "initializer_range": m.init_std,
         "pretraining_tp": 1,
         "use_cache": True,

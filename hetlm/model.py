@@ -67,9 +67,10 @@ def dropout_noise(like: torch.Tensor, copies: int) -> torch.Tensor:
 def apply_dropout(x: torch.Tensor, noise: torch.Tensor, p: float) -> torch.Tensor:
     """Zero the elements of x whose noise falls in the lowest fraction p and scale the rest by 1/(1-p).
 
-    p is rounded to a multiple of 1/65536, and the scale uses the rounded value, so the mean is kept exactly.
+    p is rounded to a multiple of 1/65536 (at most 65535/65536), and the scale uses the rounded value, so the
+    mean is kept exactly.
     """
-    dropped = round(p * 65536)
+    dropped = min(round(p * 65536), 65535)
     return torch.where(noise >= dropped - 32768, x * (65536 / (65536 - dropped)), 0.0)
 
 

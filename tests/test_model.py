@@ -224,6 +224,8 @@ def test_residual_dropout_drops_p_and_keeps_the_mean():
     dropped = apply_dropout(x, noise[1], 0.1)
     assert (dropped == 0).float().mean().item() == pytest.approx(0.1, abs=0.005)
     assert dropped.mean().item() == pytest.approx(1.0, abs=0.01)
+    # A rate just below 1 keeps one value in 65536 instead of dividing by zero.
+    assert torch.isfinite(apply_dropout(x, noise[2], 0.9999999)).all()
     # Other draws give other masks; the same seed gives the same ones.
     assert not torch.equal(noise[0], noise[1])
     torch.manual_seed(0)
