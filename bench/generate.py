@@ -6,6 +6,8 @@ reported):
 
 - ``hetlm_cache``: ``hetlm.sampling.Sampler`` as ``hetlm generate`` runs it (prefill, then one token per
   step on the KV cache, with incremental detokenization);
+- ``hetlm_int8``: the same with ``sample.quantize=int8`` (single-token steps read int8 weights; opt-in,
+  since it changes the logits: on a random model greedy tokens part from fp32's at once, so none are compared);
 - ``hetlm_no_cache``: the same loop recomputing the whole window with ``Transformer.forward`` every step;
 - ``hf_generate``: transformers' ``LlamaForCausalLM.generate(do_sample=False, min_new_tokens=max_new_tokens)``
   holding the same weights (hetlm uses HF's parameter names), so its greedy tokens are compared too.
@@ -36,8 +38,9 @@ from pathlib import Path
 
 import torch
 
-from hetlm.config import ModelConfig
+from hetlm.config import Config, ModelConfig
 from hetlm.model import Transformer, parameter_counts
+from hetlm.planner import detect_inventory, make_plan
 from hetlm.sampling import Sampler, SamplingSettings, make_generator
 
 SHAPES = {
@@ -86,13 +89,16 @@ def bench_shape(name: str, tokenizer, new_tokens: int, repeats: int, skip_no_cac
     torch.manual_seed(0)
     model = Transformer(config).eval()
     sampler = Sampler(model, tokenizer)
+    int8_config = Config(model=config)
+    int8_config.sample.quantize = "int8"
+    int8_sampler = Sampler(model, tokenizer, make_plan(detect_inventory(), int8_config, workload="infer"))
     hf = hf_model(model)
     prompt = [tokenizer.bos_id]
     ids = torch.tensor([prompt])
 
-    def ours(max_new_tokens: int, use_cache: bool = True) -> list[int]:
+    def ours(max_new_tokens: int, use_cache: bool = True, which: Sampler = sampler) -> list[int]:
         settings = SamplingSettings(max_new_tokens=max_new_tokens, temperature=0, ignore_eos=True, use_cache=use_cache)
-        return sampler.generate(prompt, settings, make_generator(0)).completions[0].token_ids
+        return which.generate(prompt, settings, make_generator(0)).completions[0].token_ids
 
     def theirs(max_new_tokens: int) -> list[int]:
         with torch.inference_mode():
@@ -100,13 +106,16 @@ def bench_shape(name: str, tokenizer, new_tokens: int, repeats: int, skip_no_cac
                               pad_token_id=3)
         return out[0, 1:].tolist()
 
-    ours(20), theirs(20)  # warm-up: first-call allocations and lazy initialisation
-    # Alternating the two keeps a shared machine's changing load from favouring either.
-    cache_s, hf_s = [], []
+    ours(20), ours(20, which=int8_sampler), theirs(20)  # warm-up: first-call allocations and lazy initialisation
+    # Alternating keeps a shared machine's changing load from favouring any of them.
+    cache_s, int8_s, hf_s = [], [], []
     for _ in range(repeats):
         started = time.perf_counter()
         ours_tokens = ours(new_tokens)
         cache_s.append(time.perf_counter() - started)
+        started = time.perf_counter()
+        ours(new_tokens, which=int8_sampler)
+        int8_s.append(time.perf_counter() - started)
         started = time.perf_counter()
         hf_tokens = theirs(new_tokens)
         hf_s.append(time.perf_counter() - started)
@@ -117,6 +126,8 @@ def bench_shape(name: str, tokenizer, new_tokens: int, repeats: int, skip_no_cac
         "hetlm_cache": summary(cache_s, new_tokens),
         "hf_generate": summary(hf_s, new_tokens),
         "speedup_vs_hf": round(statistics.median(hf_s) / statistics.median(cache_s), 2),
+        "hetlm_int8": summary(int8_s, new_tokens),
+        "int8_speedup_vs_hf": round(statistics.median(hf_s) / statistics.median(int8_s), 2),
         # Same weights, so greedy decoding should agree until float rounding separates two near-equal logits.
         "greedy_tokens_equal_to_hf": same,
     }
@@ -141,9 +152,6 @@ def main() -> None:
     parser.add_argument("--skip-no-cache", action="store_true", help="Leave out the slow recompute baseline.")
     args = parser.parse_args()
 
-    from hetlm.config import Config
-    from hetlm.planner import detect_inventory, make_plan
-
     plan = make_plan(detect_inventory(), Config(), workload="infer")
     threads = args.threads or plan.threads
     torch.set_num_threads(threads)
@@ -157,6 +165,7 @@ def main() -> None:
             targets[f"{name}: cache >= 5x recompute"] = row["cache_speedup_vs_no_cache"] >= 5
         needed = {"baby": 4, "11m": 3}[name]
         targets[f"{name}: >= {needed}x HF generate"] = row["speedup_vs_hf"] >= needed
+        targets[f"{name}, int8 opt-in: >= {needed}x HF generate"] = row["int8_speedup_vs_hf"] >= needed
     print(json.dumps({
         "bench": "generate",
         "batch": 1,

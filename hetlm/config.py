@@ -183,6 +183,9 @@ class EvalConfig:
         _check(self.batch_size > 0, "eval.batch_size must be positive")
 
 
+QUANTIZE_CHOICES = ("none", "int8")
+
+
 @dataclass
 class SampleConfig:
     """Sampling defaults shared by ``hetlm generate`` and the server."""
@@ -192,9 +195,13 @@ class SampleConfig:
     top_k: int = 0
     top_p: float = 1.0
     seed: int = 0
+    # "int8": single-token steps read int8 weights with a scale per output channel, a quarter of the fp32
+    # bytes; batch-1 decoding of larger models waits on reading the weights. Opt-in, as it changes logits.
+    quantize: str = "none"
 
     def validate(self) -> None:
         _check(self.max_new_tokens > 0, "sample.max_new_tokens must be positive")
+        _check(self.quantize in QUANTIZE_CHOICES, f"sample.quantize must be one of {', '.join(QUANTIZE_CHOICES)}")
         _check(self.temperature >= 0, "sample.temperature must be >= 0 (0 = greedy)")
         _check(self.top_k >= 0, "sample.top_k must be >= 0 (0 = off)")
         _check(0 < self.top_p <= 1, "sample.top_p must be in (0, 1]")

@@ -346,6 +346,8 @@ class Plan:
     dtype: str
     # The dtype attention runs in: the autocast dtype, or fp32 where the attention kernel is slow in it.
     attention_dtype: str
+    # What single-token sampling steps read their weights as: a dtype name, or "int8" (sample.quantize).
+    decode_weights: str
     compile: bool
     threads: int
     pin_memory: bool
@@ -447,8 +449,9 @@ def make_plan(inventory: Inventory, config: Config, workload: str = "train", wor
         decisions.append(Decision("preprocess workers", str(workers), workers_why))
         threads = config.device.threads or inventory.cpu.cores
         return Plan(
-            workload=workload, device="cpu", dtype="fp32", attention_dtype="fp32", compile=False, threads=threads, pin_memory=False,
-            non_blocking=False, loader="none", prefetch=config.device.prefetch, preprocess_workers=workers,
+            workload=workload, device="cpu", dtype="fp32", attention_dtype="fp32", decode_weights="fp32", compile=False,
+            threads=threads, pin_memory=False, non_blocking=False, loader="none", prefetch=config.device.prefetch,
+            preprocess_workers=workers,
             grad_scaler=False, peak_flops=_cpu_peak(inventory.cpu, "fp32", threads), placements=(), memory=(),
             decisions=tuple(decisions), inventory=inventory,
         )
@@ -470,6 +473,9 @@ def make_plan(inventory: Inventory, config: Config, workload: str = "train", wor
             "torch's CPU flash-attention kernel is about 6x slower in bf16 than in fp32 (forward and backward at "
             "the baby shape: 6.4 vs 1.0 ms), so attention upcasts while the matmuls around it stay bf16",
         ))
+    decode_weights, why = _choose_decode_weights(kind, dtype, config, model)
+    if workload == "infer":
+        decisions.append(Decision("decode weights", decode_weights, why))
     grad_scaler = training and dtype == "fp16"
     if grad_scaler:
         decisions.append(Decision("grad scaler", "on", "fp16 gradients underflow without loss scaling"))
@@ -520,6 +526,7 @@ def make_plan(inventory: Inventory, config: Config, workload: str = "train", wor
         device=device,
         dtype=dtype,
         attention_dtype=attention_dtype,
+        decode_weights=decode_weights,
         compile=compile_,
         threads=threads,
         pin_memory=pinned,
@@ -534,6 +541,23 @@ def make_plan(inventory: Inventory, config: Config, workload: str = "train", wor
         decisions=tuple(decisions),
         inventory=inventory,
     )
+
+
+def _choose_decode_weights(kind: str, dtype: str, config: Config, model: ModelConfig) -> tuple[str, str]:
+    if config.sample.quantize == "int8":
+        if kind != "cpu":
+            return dtype, f"sample.quantize=int8 is implemented for the CPU only; on {kind} the steps run in the plan's {dtype}"
+        reduced = {"d_model": model.d_model, "n_heads x head_dim": model.n_heads * model.head_dim, "d_ff": model.ffn_dim}
+        odd = [f"{name} {value}" for name, value in reduced.items() if value % 16]
+        if odd:
+            raise UsageError(f"sample.quantize=int8 needs the matrix widths to be multiples of 16 "
+                             f"(torch's int8 kernel), but this model has {', '.join(odd)}")
+        return "int8", ("sample.quantize=int8: single-token steps read int8 weights with a scale per output channel, "
+                        "a quarter of fp32's bytes; the prompt's prefill stays fp32")
+    if kind == "cpu":
+        return "fp32", ("batch-1 steps are matrix-vector products, which AMX does not speed up (bf16 measured slower); "
+                        "fp32 keeps greedy output equal to the full-precision model's")
+    return dtype, "the plan's dtype: the accelerator's matrix units run it"
 
 
 def _choose_device(inventory: Inventory, wanted: str, world_size: int, local_rank: int) -> tuple[str, str]:

@@ -26,7 +26,7 @@ import math
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -267,6 +267,31 @@ class StopStringFilter:
         return out
 
 
+class Int8Weight(NamedTuple):
+    """A matrix stored for ``torch.ops.aten._weight_int8pack_mm``: values (out, in) and one scale per output row."""
+
+    values: torch.Tensor  # int8
+    scales: torch.Tensor  # bf16, the kernel's scale dtype for bf16 inputs
+
+    @classmethod
+    def quantize(cls, matrix: torch.Tensor) -> Int8Weight:
+        """matrix (in, out), as ``torch.mm`` takes it -> symmetric int8 with a scale per output channel."""
+        rows = matrix.t().float()
+        # Rounded to bf16 first, so the int8 values are computed against the scale the kernel will use.
+        scales = (rows.abs().amax(dim=1) / 127).clamp(min=1e-12).to(torch.bfloat16)
+        values = torch.round(rows / scales.float()[:, None]).clamp(-127, 127).to(torch.int8)
+        return cls(values.contiguous(), scales)
+
+
+def _int8_mm(x: torch.Tensor, weight: Int8Weight) -> torch.Tensor:
+    # The kernel is fast for bf16 inputs only (about 10x slower for fp32); its output is bf16.
+    return torch.ops.aten._weight_int8pack_mm(x.to(torch.bfloat16), weight.values, weight.scales).float()
+
+
+def _int8_addmm(x: torch.Tensor, h: torch.Tensor, weight: Int8Weight) -> torch.Tensor:
+    return x + torch.ops.aten._weight_int8pack_mm(h.to(torch.bfloat16), weight.values, weight.scales)
+
+
 class _FastDecoder:
     """One-token steps on a KVCache with weights prepared for them (see the module docstring).
 
@@ -278,20 +303,27 @@ class _FastDecoder:
     x.flip(halves) * [-sin, sin].
     (Computing rotate_half with extra matmul columns saves an operation but reads 15% more weights per
     token at d_model 384, where reading the weights is what takes the time.)
+
+    With ``int8``, those prepared matrices are quantized (``Int8Weight``) and the products read a quarter
+    of the bytes, with bf16 inputs; the residual stream, norms, attention and the cache stay fp32.
     """
 
     @torch.no_grad()
-    def __init__(self, model: Transformer, dtype: torch.dtype) -> None:
+    def __init__(self, model: Transformer, dtype: torch.dtype, int8: bool = False) -> None:
         config = model.config
         self.n_heads, self.kv_heads, self.head_dim = config.n_heads, config.kv_heads, config.head_dim
         self.d_model = config.d_model
         E, D = self.head_dim, self.d_model
         self.dtype = dtype
         self.norm_floor = torch.tensor(math.sqrt(D * config.norm_eps), dtype=dtype, device=model.rope_cos.device)
+        self.mm, self.addmm = (_int8_mm, _int8_addmm) if int8 else (torch.mm, torch.addmm)
 
-        def prepare(weight: torch.Tensor, norm: torch.Tensor) -> torch.Tensor:
+        def prepare(weight: torch.Tensor, norm: torch.Tensor | None = None) -> torch.Tensor | Int8Weight:
             # (out, D) -> (D, out) for x_hat @ W, with the norm's weight and sqrt(D) folded into the rows.
-            return (weight * (norm * math.sqrt(D))).to(dtype).t().contiguous()
+            if norm is not None:
+                weight = weight * (norm * math.sqrt(D))
+            matrix = weight.to(dtype).t().contiguous()
+            return Int8Weight.quantize(matrix) if int8 else matrix
 
         self.layers = []
         for block in model.model.layers:
@@ -299,9 +331,9 @@ class _FastDecoder:
             qkv = torch.cat([attn.q_proj.weight / math.sqrt(E), attn.k_proj.weight, attn.v_proj.weight])
             self.layers.append((
                 prepare(qkv, block.input_layernorm.weight),
-                attn.o_proj.weight.to(dtype).t().contiguous(),
+                prepare(attn.o_proj.weight),
                 prepare(torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]), block.post_attention_layernorm.weight),
-                mlp.down_proj.weight.to(dtype).t().contiguous(),
+                prepare(mlp.down_proj.weight),
             ))
         self.embed = model.model.embed_tokens.weight.detach().to(dtype)
         self.head = prepare(model.lm_head.weight, model.model.norm.weight)
@@ -327,27 +359,28 @@ class _FastDecoder:
         x = F.embedding(tokens, self.embed)  # (B, D)
         cos, sin = self.cos[pos], self.sin[pos]  # (2, E/2)
         for (qkv_w, o_w, gate_up_w, down_w), (kv, keys, values) in zip(self.layers, flat, strict=True):
-            qkv = torch.mm(self._normalized(x), qkv_w).view(B, H + 2 * K, 2, E // 2)
+            qkv = self.mm(self._normalized(x), qkv_w).view(B, H + 2 * K, 2, E // 2)
             qk = qkv[:, : H + K]
             torch.addcmul(qk * cos, qk.flip(2), sin, out=qk)  # RoPE on queries and keys, in place
             kv[:, :, :, pos] = qkv[:, H:].view(B, 2, K, E).transpose(0, 1)  # (2, B, K, E): this step's k, v
             # Query heads grouped by the key/value head they share: (B*K, H/K, E).
             scores = torch.bmm(qkv[:, :H].reshape(B * K, H // K, E), keys[:, :end].transpose(1, 2))  # (B*K, H/K, end)
             weights = torch.softmax(scores.float(), dim=-1).to(values.dtype) if low else torch.softmax(scores, dim=-1)
-            x = torch.addmm(x, torch.bmm(weights, values[:, :end]).view(B, D), o_w)
-            gate, up = torch.mm(self._normalized(x), gate_up_w).chunk(2, dim=-1)
-            x = torch.addmm(x, F.silu(gate) * up, down_w)
+            x = self.addmm(x, torch.bmm(weights, values[:, :end]).view(B, D), o_w)
+            gate, up = self.mm(self._normalized(x), gate_up_w).chunk(2, dim=-1)
+            x = self.addmm(x, F.silu(gate) * up, down_w)
         cache.length = end
-        logits = torch.mm(self._normalized(x), self.head)
+        logits = self.mm(self._normalized(x), self.head)
         return logits.float() if low else logits
 
 
 class Sampler:
     """Samples from one model; build it once and reuse it (the server does): it copies the weights.
 
-    On an accelerator, prefill runs under the plan's autocast and single-token steps in its dtype. On
-    the CPU everything stays fp32 whatever the plan says: at batch 1 the products are matrix-vector
-    ones, which AMX does not speed up (bf16 measured slower), and casts would only add operations.
+    On an accelerator, prefill runs under the plan's autocast. On the CPU prefill stays fp32 whatever
+    the plan says. Single-token steps read their weights as the plan's ``decode_weights`` says: fp32 on
+    the CPU (at batch 1 the products are matrix-vector ones, which AMX does not speed up), the plan's
+    dtype on an accelerator, or int8 where ``sample.quantize`` asks for it.
     Without a plan everything runs in fp32 wherever the model is.
     """
 
@@ -356,8 +389,9 @@ class Sampler:
         self.tokenizer = tokenizer
         self.device = next(model.parameters()).device
         self.autocast_dtype = plan.autocast_dtype if plan is not None and self.device.type != "cpu" else None
-        self.dtype = self.autocast_dtype or torch.float32
-        self.decoder = _FastDecoder(model, self.dtype)
+        decode_weights = plan.decode_weights if plan is not None else "fp32"
+        self.dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(decode_weights, torch.float32)
+        self.decoder = _FastDecoder(model, self.dtype, int8=decode_weights == "int8")
 
     @property
     def context_length(self) -> int:

@@ -227,6 +227,20 @@ def test_preprocess_and_infer_workloads():
         plan_for("no-gpu", workload="serve")
 
 
+def test_decode_weights_follow_the_device_and_sample_quantize():
+    assert plan_for("no-gpu", workload="infer").decode_weights == "fp32"
+    assert plan_for("one-8gb-gpu", workload="infer").decode_weights == plan_for("one-8gb-gpu", workload="infer").dtype
+    int8 = plan_for("no-gpu", "sample.quantize=int8", workload="infer")
+    assert int8.decode_weights == "int8" and "int8" in decision(int8, "decode weights").reason
+    on_gpu = plan_for("one-8gb-gpu", "sample.quantize=int8", workload="infer")
+    assert on_gpu.decode_weights == on_gpu.dtype and "CPU only" in decision(on_gpu, "decode weights").reason
+    assert not any(d.stage == "decode weights" for d in plan_for("no-gpu", "sample.quantize=int8").decisions)
+    with pytest.raises(UsageError, match="multiples of 16.*d_model 72"):
+        plan_for("no-gpu", "sample.quantize=int8", "model.d_model=72", "model.n_heads=4", workload="infer")
+    with pytest.raises(UsageError, match="sample.quantize must be one of none, int8"):
+        plan_for("no-gpu", "sample.quantize=int4", workload="infer")
+
+
 def test_make_plan_is_pure():
     config = load_config(None, [*GPT2_SMALL, "train.micro_batch_size=64"])
     before = config.to_dict()

@@ -2,17 +2,20 @@ import random
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from hetlm.checkpoint import load_checkpoint
-from hetlm.config import ModelConfig, SampleConfig
+from hetlm.config import Config, ModelConfig, SampleConfig
 from hetlm.errors import UsageError
 from hetlm.model import KVCache, Transformer
 from hetlm.reporting import Reporter
 from hetlm.sampling import (
     IncrementalDetokenizer,
+    Int8Weight,
     Sampler,
     SamplingSettings,
     StopStringFilter,
+    _int8_mm,
     encode_prompt,
     make_generator,
     sample_next,
@@ -265,6 +268,9 @@ def test_cli_generate_seed_stop_and_samples(cli, tiny_checkpoint):
     assert batch.code == 0
     assert [line for line in batch.out.splitlines() if line.startswith("=== sample")] == [
         f"=== sample {i}/3 ===" for i in (1, 2, 3)]
+    quantized = cli(*args, "--seed", "5", "--quantize", "int8")
+    assert quantized.code == 0 and quantized.out.strip() and "int8 weights" in quantized.err
+    assert "int8" not in first.err
 
 
 def test_cli_generate_bad_input(cli, tiny_checkpoint, tmp_path):
@@ -277,6 +283,7 @@ def test_cli_generate_bad_input(cli, tiny_checkpoint, tmp_path):
         (tiny_checkpoint, "--stop", ""), (tiny_checkpoint, "--prompt", "a", "--prompt-file", tmp_path / "p.txt"),
         (tiny_checkpoint, "--prompt-file", tmp_path / "missing.txt"), (tiny_checkpoint, "stray"),
         (tiny_checkpoint, "--set", "model.d_model=8"), (tiny_checkpoint, "--set", "sample.top_p=2"),
+        (tiny_checkpoint, "--quantize", "int4"),
     ]
     for args in cases:
         result = cli("generate", *args)
@@ -310,3 +317,42 @@ def test_cuda_plan_decodes_like_the_model(tiny_checkpoint, tokenizer):
     assert result.new_tokens > 0 and result.text == "".join(
         c.text for c in sampler.stream(ids[0].tolist(), SamplingSettings(max_new_tokens=100, temperature=0.8),
                                        make_generator(0, "cuda")))
+
+
+def test_int8_weights_round_to_their_nearest_step_and_the_kernel_multiplies_them():
+    torch.manual_seed(3)
+    matrix = torch.randn(64, 48)  # (in, out), as torch.mm takes it
+    weight = Int8Weight.quantize(matrix)
+    assert weight.values.dtype == torch.int8 and weight.values.shape == (48, 64)
+    dequantized = (weight.values.float() * weight.scales.float()[:, None]).t()
+    step = weight.scales.float()[None, :]
+    assert torch.all((dequantized - matrix).abs() <= step * 0.51)
+    x = torch.randn(3, 64)
+    torch.testing.assert_close(_int8_mm(x, weight), x.bfloat16().float() @ dequantized, atol=0.05, rtol=0.02)
+
+
+def test_int8_steps_score_text_like_the_model(trained, tokenizer):
+    from hetlm.planner import detect_inventory, make_plan
+
+    config = Config()
+    config.model = trained.config
+    config.sample.quantize = "int8"
+    plan = make_plan(detect_inventory(), config, workload="infer")
+    assert plan.decode_weights == "int8"
+    sampler = Sampler(trained, tokenizer, plan)
+    assert isinstance(sampler.decoder.head, Int8Weight)
+    ids = torch.tensor([encode_prompt(tokenizer, MIXED + "import os\nfor line in open(path):\n    print(line)\n")])
+    n = min(ids.shape[1], trained.config.context_length)
+    with torch.inference_mode():
+        cache = KVCache(trained.config, 1, torch.device("cpu"), torch.float32)
+        trained(ids[:, :1], cache=cache)
+        full, _ = trained(ids[:, :n])
+        flat = sampler.decoder.flat_cache(cache)
+        steps = torch.stack([sampler.decoder.step(ids[:, t], cache, flat)[0] for t in range(1, n - 1)])
+    targets = ids[0, 2:n]
+    quantized_loss = F.cross_entropy(steps, targets)
+    full_loss = F.cross_entropy(full[0, 1:n - 1], targets)
+    assert not torch.equal(steps, full[0, 1:n - 1])
+    assert abs(quantized_loss - full_loss) < 0.01 * full_loss
+    text = sampler.generate(encode_prompt(tokenizer, "def "), greedy(40), make_generator(0)).text
+    assert text.strip()

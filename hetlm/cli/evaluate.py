@@ -158,6 +158,9 @@ def generate_command(
         "--stop", help="End the text before this string (repeatable).", show_default=False)] = None,
     num_samples: Annotated[int, typer.Option("--num-samples", help="Samples drawn as one batch.")] = 1,
     no_stream: Annotated[bool, typer.Option("--no-stream", help="Print the text when it is complete.")] = False,
+    quantize: Annotated[Optional[str], typer.Option(
+        "--quantize", help="int8: decode with int8 weights, faster for larger models on the CPU; none: full precision "
+        "\\[default: sample.quantize]", show_default=False)] = None,
     set_: SetOption = None,
 ) -> None:
     """Continue a prompt: text streams to stdout as it is generated, statistics go to stderr.
@@ -172,7 +175,7 @@ def generate_command(
     from hetlm.tokenizer import Tokenizer
 
     text = _prompt_text(stdin, prompt, prompt_file)
-    loaded, config, plan = _load(target, set_)
+    loaded, config, plan = _load(target, [*(set_ or []), *([f"sample.quantize={quantize}"] if quantize else [])])
     settings = SamplingSettings.from_config(
         config.sample, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
         stop=tuple(stop) if stop else None, num_samples=num_samples,
@@ -203,8 +206,8 @@ def generate_command(
     stderr.print(
         f"{result.new_tokens} tokens in {result.seconds:.2f} s ({result.tokens_per_second:,.1f} tok/s), "
         f"time to first token {result.time_to_first_token * 1000:.0f} ms, prompt {result.prompt_tokens} tokens, "
-        f"ended by {reasons}{slid} [{plan.device}]",
-        highlight=False,
+        f"ended by {reasons}{slid} [{plan.device}{', int8 weights' if plan.decode_weights == 'int8' else ''}]",
+        highlight=False, markup=False,
     )
 
 
