@@ -319,7 +319,7 @@ class _FastDecoder:
         self.mm, self.addmm = (_int8_mm, _int8_addmm) if int8 else (torch.mm, torch.addmm)
 
         def prepare(weight: torch.Tensor, norm: torch.Tensor | None = None) -> torch.Tensor | Int8Weight:
-            # (out, D) -> (D, out) for x_hat @ W, with the norm's weight and sqrt(D) folded into the rows.
+            # (out, in) -> (in, out) for x @ W; a norm's weight and sqrt(D) are folded into the rows it scales.
             if norm is not None:
                 weight = weight * (norm * math.sqrt(D))
             matrix = weight.to(dtype).t().contiguous()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import json
 import os
@@ -214,6 +215,17 @@ def test_bad_requests_get_their_status(server, loaded):
     # Health needs no key, and the server survived everything above.
     assert httpx.get(url + "/health").json()["status"] == "ok"
     assert httpx.post(url + "/v1/completions", json=ok, headers=auth).status_code == 200
+
+
+def test_int8_weights_serve_like_the_model(loaded, tokenizer):
+    config = copy.deepcopy(loaded.config)
+    config.sample.quantize = "int8"
+    with running(dataclasses.replace(loaded, config=config)) as (url, app):
+        assert httpx.get(url + "/health").json()["decode_weights"] == "int8"
+        body = {"model": NAME, "prompt": "def main(", "max_tokens": 3, "temperature": 0}
+        text = httpx.post(url + "/v1/completions", json=body).json()["choices"][0]["text"]
+    # Three greedy tokens of a trained model: int8 weights keep the clear winners.
+    assert text == greedy(loaded, tokenizer, "def main(", 3)
 
 
 def test_saturated_server_answers_503(loaded):
