@@ -102,13 +102,16 @@ class Tokenizer:
 
     @functools.cached_property
     def plain_texts(self) -> tuple[str | None, ...]:
-        """Per id, the text it adds to any complete text; None for byte pieces (they combine into
-        characters), control and unknown pieces. Lets streaming skip a decode per token."""
+        """Per id, the text it adds to any complete text: "" for control pieces (<s>, </s>, <pad> decode
+        to nothing), None for byte pieces (they combine into characters) and unknown ones. Lets
+        streaming skip a decode per token."""
         p = self.processor
         texts: list[str | None] = []
         for i in range(p.GetPieceSize()):
             text = None
-            if not (p.IsControl(i) or p.IsUnknown(i) or p.IsByte(i) or p.IsUnused(i)):
+            if p.IsControl(i) and p.Decode([i]) == "":
+                text = ""
+            elif not (p.IsControl(i) or p.IsUnknown(i) or p.IsByte(i) or p.IsUnused(i)):
                 text = p.IdToPiece(i).replace(_META, " ")
                 if p.Decode([i]) != text:
                     text = None

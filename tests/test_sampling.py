@@ -137,11 +137,12 @@ def test_detokenizer_pieces_join_to_the_full_decode(tokenizer):
     byte_ids = [tokenizer.piece_to_id(f"<0x{b:02X}>") for b in range(256)]
     text_ids = tokenizer.encode(MIXED + "Ünïcödé ✓ 日本語 🚀👍🏽 done\n")
     assert set(text_ids) & set(byte_ids), "the test text must need byte-fallback pieces"
-    for trial in range(200):
+    for trial in range(400):
         if trial % 2:
             ids = text_ids[rng.randrange(len(text_ids)):]
         else:
-            pool = byte_ids + list(range(3, tokenizer.vocab_size))
+            specials = [tokenizer.unk_id, tokenizer.bos_id, tokenizer.eos_id, tokenizer.pad_id] * 20
+            pool = byte_ids + specials + list(range(tokenizer.vocab_size))
             ids = [rng.choice(pool) for _ in range(rng.randrange(1, 40))]
         context = encode_prompt(tokenizer, rng.choice(["", "x = ", "中"]))
         detok = IncrementalDetokenizer(tokenizer, context)
