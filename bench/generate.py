@@ -91,7 +91,10 @@ def bench_shape(name: str, tokenizer, new_tokens: int, repeats: int, skip_no_cac
     sampler = Sampler(model, tokenizer)
     int8_config = Config(model=config)
     int8_config.sample.quantize = "int8"
-    int8_sampler = Sampler(model, tokenizer, make_plan(detect_inventory(), int8_config, workload="infer"))
+    int8_config.device.device = "cpu"
+    int8_plan = make_plan(detect_inventory(), int8_config, workload="infer")
+    assert int8_plan.decode_weights == "int8", int8_plan.decode_weights
+    int8_sampler = Sampler(model, tokenizer, int8_plan)
     hf = hf_model(model)
     prompt = [tokenizer.bos_id]
     ids = torch.tensor([prompt])

@@ -25,6 +25,7 @@ import torch
 from hetlm.config import Config, ModelConfig, parse_duration
 from hetlm.errors import HetlmError, UsageError
 from hetlm.model import flops_per_token, parameter_counts
+from hetlm.sampling import INT8_WIDTH_MULTIPLE
 
 WORKLOADS = ("train", "infer", "preprocess")
 INVENTORY_ENV = "HETLM_INVENTORY"
@@ -473,7 +474,9 @@ def make_plan(inventory: Inventory, config: Config, workload: str = "train", wor
             "torch's CPU flash-attention kernel is about 6x slower in bf16 than in fp32 (forward and backward at "
             "the baby shape: 6.4 vs 1.0 ms), so attention upcasts while the matmuls around it stay bf16",
         ))
-    decode_weights, why = _choose_decode_weights(kind, dtype, config, model)
+    # Only sampling reads decode weights: a training config that asks for int8 is not held to its limits.
+    quantize = config.sample.quantize if workload == "infer" else "none"
+    decode_weights, why = _choose_decode_weights(kind, dtype, quantize, model)
     if workload == "infer":
         decisions.append(Decision("decode weights", decode_weights, why))
     grad_scaler = training and dtype == "fp16"
@@ -543,14 +546,14 @@ def make_plan(inventory: Inventory, config: Config, workload: str = "train", wor
     )
 
 
-def _choose_decode_weights(kind: str, dtype: str, config: Config, model: ModelConfig) -> tuple[str, str]:
-    if config.sample.quantize == "int8":
+def _choose_decode_weights(kind: str, dtype: str, quantize: str, model: ModelConfig) -> tuple[str, str]:
+    if quantize == "int8":
         if kind != "cpu":
             return dtype, f"sample.quantize=int8 is implemented for the CPU only; on {kind} the steps run in the plan's {dtype}"
-        reduced = {"d_model": model.d_model, "n_heads x head_dim": model.n_heads * model.head_dim, "d_ff": model.ffn_dim}
-        odd = [f"{name} {value}" for name, value in reduced.items() if value % 16]
+        widths = (("d_model", model.d_model), ("d_ff", model.ffn_dim))
+        odd = [f"{name} {value}" for name, value in widths if value % INT8_WIDTH_MULTIPLE]
         if odd:
-            raise UsageError(f"sample.quantize=int8 needs the matrix widths to be multiples of 16 "
+            raise UsageError(f"sample.quantize=int8 needs d_model and d_ff to be multiples of {INT8_WIDTH_MULTIPLE} "
                              f"(torch's int8 kernel), but this model has {', '.join(odd)}")
         return "int8", ("sample.quantize=int8: single-token steps read int8 weights with a scale per output channel, "
                         "a quarter of fp32's bytes; the prompt's prefill stays fp32")

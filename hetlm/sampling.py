@@ -267,6 +267,10 @@ class StopStringFilter:
         return out
 
 
+# torch's int8 kernel gives wrong numbers, or crashes, unless a matrix's inner width is a multiple of this.
+INT8_WIDTH_MULTIPLE = 16
+
+
 class Int8Weight(NamedTuple):
     """A matrix stored for ``torch.ops.aten._weight_int8pack_mm``: values (out, in) and one scale per output row."""
 
@@ -276,6 +280,9 @@ class Int8Weight(NamedTuple):
     @classmethod
     def quantize(cls, matrix: torch.Tensor) -> Int8Weight:
         """matrix (in, out), as ``torch.mm`` takes it -> symmetric int8 with a scale per output channel."""
+        if matrix.shape[0] % INT8_WIDTH_MULTIPLE:
+            raise UsageError(f"int8 weights need inner widths that are multiples of {INT8_WIDTH_MULTIPLE}, "
+                             f"got a {matrix.shape[0]} x {matrix.shape[1]} matrix")
         rows = matrix.t().float()
         # Rounded to bf16 first, so the int8 values are computed against the scale the kernel will use.
         scales = (rows.abs().amax(dim=1) / 127).clamp(min=1e-12).to(torch.bfloat16)
@@ -389,7 +396,9 @@ class Sampler:
         self.tokenizer = tokenizer
         self.device = next(model.parameters()).device
         self.autocast_dtype = plan.autocast_dtype if plan is not None and self.device.type != "cpu" else None
-        decode_weights = plan.decode_weights if plan is not None else "fp32"
+        # A plan made for another device (a CUDA plan for a model left on the CPU) says nothing about this one.
+        planned = plan is not None and plan.torch_device.type == self.device.type
+        decode_weights = plan.decode_weights if planned else "fp32"
         self.dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(decode_weights, torch.float32)
         self.decoder = _FastDecoder(model, self.dtype, int8=decode_weights == "int8")
 

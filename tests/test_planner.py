@@ -237,6 +237,10 @@ def test_decode_weights_follow_the_device_and_sample_quantize():
     assert not any(d.stage == "decode weights" for d in plan_for("no-gpu", "sample.quantize=int8").decisions)
     with pytest.raises(UsageError, match="multiples of 16.*d_model 72"):
         plan_for("no-gpu", "sample.quantize=int8", "model.d_model=72", "model.n_heads=4", workload="infer")
+    with pytest.raises(UsageError, match="multiples of 16.*d_ff 100"):
+        plan_for("no-gpu", "sample.quantize=int8", "model.d_ff=100", workload="infer")
+    # Training and evaluation never decode with int8, so a config that asks for it still trains.
+    assert plan_for("no-gpu", "sample.quantize=int8", "model.d_model=72", "model.n_heads=4").decode_weights == "fp32"
     with pytest.raises(UsageError, match="sample.quantize must be one of none, int8"):
         plan_for("no-gpu", "sample.quantize=int4", workload="infer")
 

@@ -23,6 +23,7 @@ import torch
 import uvicorn
 
 from hetlm.planner import detect_inventory, make_plan
+from hetlm.sampling import Int8Weight
 from hetlm.serve import bind_warning, create_app
 
 NAME = "tiny"
@@ -222,6 +223,7 @@ def test_int8_weights_serve_like_the_model(loaded, tokenizer):
     config.sample.quantize = "int8"
     with running(dataclasses.replace(loaded, config=config)) as (url, app):
         assert httpx.get(url + "/health").json()["decode_weights"] == "int8"
+        assert isinstance(app.state.engine.sampler.decoder.head, Int8Weight)
         body = {"model": NAME, "prompt": "def main(", "max_tokens": 3, "temperature": 0}
         text = httpx.post(url + "/v1/completions", json=body).json()["choices"][0]["text"]
     # Three greedy tokens of a trained model: int8 weights keep the clear winners.

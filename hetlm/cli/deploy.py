@@ -75,6 +75,7 @@ def serve_command(
     app_ = create_app(loaded, plan, serve=serve, sample=config.sample, api_key=api_key, model_name=name)
     # No progress bars here: the reporter only prints the startup lines and warnings.
     reporter = RichReporter()
-    reporter.info(f"{name} on {plan.device} ({plan.dtype}), {serve.max_concurrency} concurrent, "
+    weights = ", int8 weights" if plan.decode_weights == "int8" else ""
+    reporter.info(f"{name} on {plan.device} ({plan.dtype}{weights}), {serve.max_concurrency} concurrent, "
                   f"{serve.max_queue} queued at most")
     run_server(app_, serve.host, serve.port, reporter)

@@ -175,7 +175,7 @@ def generate_command(
     from hetlm.tokenizer import Tokenizer
 
     text = _prompt_text(stdin, prompt, prompt_file)
-    loaded, config, plan = _load(target, [*(set_ or []), *([f"sample.quantize={quantize}"] if quantize else [])])
+    loaded, config, plan = _load(target, [*(set_ or []), *([f"sample.quantize={quantize}"] if quantize is not None else [])])
     settings = SamplingSettings.from_config(
         config.sample, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
         stop=tuple(stop) if stop else None, num_samples=num_samples,
