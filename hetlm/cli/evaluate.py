@@ -207,7 +207,7 @@ def generate_command(
         f"{result.new_tokens} tokens in {result.seconds:.2f} s ({result.tokens_per_second:,.1f} tok/s), "
         f"time to first token {result.time_to_first_token * 1000:.0f} ms, prompt {result.prompt_tokens} tokens, "
         f"ended by {reasons}{slid} [{plan.device}{', int8 weights' if plan.decode_weights == 'int8' else ''}]",
-        highlight=False, markup=False,
+        highlight=False, markup=False, soft_wrap=True,
     )
 
 
