@@ -84,7 +84,13 @@ def summary(seconds: list[float], tokens: int) -> dict:
     }
 
 
-def bench_shape(name: str, tokenizer, new_tokens: int, repeats: int, skip_no_cache: bool) -> dict:
+def timed(run, *args, **kwargs) -> tuple[float, list[int]]:
+    started = time.perf_counter()
+    tokens = run(*args, **kwargs)
+    return time.perf_counter() - started, tokens
+
+
+def bench_shape(name: str, tokenizer, inventory, new_tokens: int, repeats: int, skip_no_cache: bool) -> dict:
     config = ModelConfig(**SHAPES[name], context_length=CONTEXT, vocab_size=tokenizer.vocab_size)
     torch.manual_seed(0)
     model = Transformer(config).eval()
@@ -92,7 +98,7 @@ def bench_shape(name: str, tokenizer, new_tokens: int, repeats: int, skip_no_cac
     int8_config = Config(model=config)
     int8_config.sample.quantize = "int8"
     int8_config.device.device = "cpu"
-    int8_plan = make_plan(detect_inventory(), int8_config, workload="infer")
+    int8_plan = make_plan(inventory, int8_config, workload="infer")
     assert int8_plan.decode_weights == "int8", int8_plan.decode_weights
     int8_sampler = Sampler(model, tokenizer, int8_plan)
     hf = hf_model(model)
@@ -113,15 +119,11 @@ def bench_shape(name: str, tokenizer, new_tokens: int, repeats: int, skip_no_cac
     # Alternating keeps a shared machine's changing load from favouring any of them.
     cache_s, int8_s, hf_s = [], [], []
     for _ in range(repeats):
-        started = time.perf_counter()
-        ours_tokens = ours(new_tokens)
-        cache_s.append(time.perf_counter() - started)
-        started = time.perf_counter()
-        ours(new_tokens, which=int8_sampler)
-        int8_s.append(time.perf_counter() - started)
-        started = time.perf_counter()
-        hf_tokens = theirs(new_tokens)
-        hf_s.append(time.perf_counter() - started)
+        seconds, ours_tokens = timed(ours, new_tokens)
+        cache_s.append(seconds)
+        int8_s.append(timed(ours, new_tokens, which=int8_sampler)[0])
+        seconds, hf_tokens = timed(theirs, new_tokens)
+        hf_s.append(seconds)
     same = next((i for i, (a, b) in enumerate(zip(ours_tokens, hf_tokens, strict=False)) if a != b), len(ours_tokens))
     row = {
         "shape": {**SHAPES[name], "context_length": CONTEXT, "vocab_size": config.vocab_size, "d_ff": config.ffn_dim},
@@ -137,9 +139,8 @@ def bench_shape(name: str, tokenizer, new_tokens: int, repeats: int, skip_no_cac
     if not skip_no_cache:
         plain_s = []
         for _ in range(max(1, repeats - 1)):
-            started = time.perf_counter()
-            plain_tokens = ours(new_tokens, use_cache=False)
-            plain_s.append(time.perf_counter() - started)
+            seconds, plain_tokens = timed(ours, new_tokens, use_cache=False)
+            plain_s.append(seconds)
         row["hetlm_no_cache"] = summary(plain_s, new_tokens)
         row["cache_speedup_vs_no_cache"] = round(statistics.median(plain_s) / statistics.median(cache_s), 2)
         row["no_cache_same_tokens"] = plain_tokens == ours_tokens
@@ -155,13 +156,15 @@ def main() -> None:
     parser.add_argument("--skip-no-cache", action="store_true", help="Leave out the slow recompute baseline.")
     args = parser.parse_args()
 
-    plan = make_plan(detect_inventory(), Config(), workload="infer")
+    inventory = detect_inventory()
+    plan = make_plan(inventory, Config(), workload="infer")
     threads = args.threads or plan.threads
     torch.set_num_threads(threads)
     load_before = os.getloadavg()
     with tempfile.TemporaryDirectory() as work:
         tokenizer = train_bench_tokenizer(Path(work))
-    shapes = {name: bench_shape(name, tokenizer, args.new_tokens, args.repeats, args.skip_no_cache) for name in args.shapes}
+    shapes = {name: bench_shape(name, tokenizer, inventory, args.new_tokens, args.repeats, args.skip_no_cache)
+              for name in args.shapes}
     targets = {}
     for name, row in shapes.items():
         if "cache_speedup_vs_no_cache" in row:

@@ -373,6 +373,11 @@ class Plan:
         return _DTYPES[self.dtype]
 
     @property
+    def decode_dtype(self) -> torch.dtype:
+        """The dtype single-token steps compute in: fp32 for int8 weights (only the products read int8)."""
+        return _DTYPES.get(self.decode_weights) or torch.float32
+
+    @property
     def fits(self) -> bool:
         return all(m.fits for m in self.memory)
 
@@ -452,9 +457,8 @@ def make_plan(inventory: Inventory, config: Config, workload: str = "train", wor
         return Plan(
             workload=workload, device="cpu", dtype="fp32", attention_dtype="fp32", decode_weights="fp32", compile=False,
             threads=threads, pin_memory=False, non_blocking=False, loader="none", prefetch=config.device.prefetch,
-            preprocess_workers=workers,
-            grad_scaler=False, peak_flops=_cpu_peak(inventory.cpu, "fp32", threads), placements=(), memory=(),
-            decisions=tuple(decisions), inventory=inventory,
+            preprocess_workers=workers, grad_scaler=False, peak_flops=_cpu_peak(inventory.cpu, "fp32", threads),
+            placements=(), memory=(), decisions=tuple(decisions), inventory=inventory,
         )
 
     model = planning_model(config)

@@ -398,9 +398,8 @@ class Sampler:
         self.autocast_dtype = plan.autocast_dtype if plan is not None and self.device.type != "cpu" else None
         # A plan made for another device (a CUDA plan for a model left on the CPU) says nothing about this one.
         planned = plan is not None and plan.torch_device.type == self.device.type
-        decode_weights = plan.decode_weights if planned else "fp32"
-        self.dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(decode_weights, torch.float32)
-        self.decoder = _FastDecoder(model, self.dtype, int8=decode_weights == "int8")
+        self.dtype = plan.decode_dtype if planned else torch.float32
+        self.decoder = _FastDecoder(model, self.dtype, int8=planned and plan.decode_weights == "int8")
 
     @property
     def context_length(self) -> int:

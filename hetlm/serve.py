@@ -397,8 +397,7 @@ def create_app(loaded: LoadedModel, plan: Plan, serve: ServeConfig | None = None
     @app.get("/health")
     async def health() -> dict[str, Any]:
         return {"status": "ok", "model": settings.model_name, "device": plan.device, "decode_weights": plan.decode_weights,
-                "in_flight": engine.in_flight,
-                "capacity": engine.capacity, **engine.stats}
+                "in_flight": engine.in_flight, "capacity": engine.capacity, **engine.stats}
 
     @app.get("/v1/models")
     async def models(request: Request) -> dict[str, Any]:
