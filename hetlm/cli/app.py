@@ -23,10 +23,6 @@ app = typer.Typer(
 _state = {"debug": False}
 
 
-def debug_enabled() -> bool:
-    return _state["debug"]
-
-
 def _version(value: bool) -> None:
     if value:
         typer.echo(f"hetlm {__version__}")

@@ -1,23 +1,16 @@
-"""``hetlm deploy`` and ``hetlm serve``."""
+"""``hetlm deploy``."""
 
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
-from hetlm.checkpoint import load_checkpoint
 from hetlm.cli.app import app
-from hetlm.cli.options import SetOption
 from hetlm.cli.render import RichReporter, stdout
-from hetlm.config import with_overrides
 from hetlm.deploy import DTYPES, deploy
-from hetlm.errors import HetlmError
 
-# The model's shape and tokenizer come with the weights; only these sections may be overridden when serving.
-SERVE_OVERRIDABLE = ("serve", "sample", "device")
 TargetArgument = Annotated[Path, typer.Argument(help="A run folder, a checkpoint folder or a bundle.", show_default=False)]
 
 
@@ -33,49 +26,3 @@ def deploy_command(
         path = deploy(target, out, dtype=dtype, prefer="latest" if latest else "best", reporter=reporter)
         reporter.info(f"bundle written to {path} ({dtype})")
     stdout.print(str(path), highlight=False, markup=False)
-
-
-@app.command("serve")
-def serve_command(
-    target: TargetArgument,
-    host: Annotated[Optional[str], typer.Option("--host", help="Address to bind \\[default: serve.host, 127.0.0.1].",
-                                                show_default=False)] = None,
-    port: Annotated[Optional[int], typer.Option("--port", help="Port \\[default: serve.port, 8000]; 0 picks a free one.",
-                                                show_default=False)] = None,
-    api_key: Annotated[Optional[str], typer.Option("--api-key", envvar="HETLM_API_KEY", show_envvar=True,
-                                                   help="Clients must send 'Authorization: Bearer KEY'.",
-                                                   show_default=False)] = None,
-    max_concurrency: Annotated[Optional[int], typer.Option(
-        "--max-concurrency", help="Generations advanced together \\[default: serve.max_concurrency].", show_default=False)] = None,
-    model_name: Annotated[Optional[str], typer.Option(
-        "--model-name", help="The model id clients ask for \\[default: the target folder's name].", show_default=False)] = None,
-    set_: SetOption = None,
-) -> None:
-    """Serve a run, checkpoint or bundle over an OpenAI-compatible HTTP API (/v1/completions, /v1/chat/completions).
-
-    serve.*, sample.* and device.* settings come from the model's saved config, then --set, then the options above.
-    """
-    from hetlm.planner import detect_inventory, make_plan
-
-    try:
-        from hetlm.serve import create_app, run_server
-    except ImportError as exc:
-        raise HetlmError(f"hetlm serve needs FastAPI and uvicorn ({exc}): pip install 'hetlm[serve]'") from None
-
-    with RichReporter() as reporter:
-        loaded = load_checkpoint(target, "cpu", reporter=reporter)
-    config = with_overrides(loaded.config, set_ or [], SERVE_OVERRIDABLE)
-    changes = {k: v for k, v in {"host": host, "port": port, "max_concurrency": max_concurrency}.items() if v is not None}
-    serve = dataclasses.replace(config.serve, **changes)
-    serve.validate()
-    plan = make_plan(detect_inventory(), config, workload="infer")
-    plan.apply()
-    loaded.model.to(plan.torch_device)
-    name = model_name or Path(target).resolve().name
-    app_ = create_app(loaded, plan, serve=serve, sample=config.sample, api_key=api_key, model_name=name)
-    # No progress bars here: the reporter only prints the startup lines and warnings.
-    reporter = RichReporter()
-    weights = ", int8 weights" if plan.decode_weights == "int8" else ""
-    reporter.info(f"{name} on {plan.device} ({plan.dtype}{weights}), {serve.max_concurrency} concurrent, "
-                  f"{serve.max_queue} queued at most")
-    run_server(app_, serve.host, serve.port, reporter)

@@ -1,4 +1,4 @@
-"""``hetlm eval`` (also ``hetlm evaluate``) and ``hetlm generate``."""
+"""``hetlm eval`` (also ``hetlm evaluate``)."""
 
 from __future__ import annotations
 
@@ -11,30 +11,19 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from hetlm.checkpoint import LoadedModel, load_checkpoint
+from hetlm.checkpoint import LoadedModel
 from hetlm.cli.app import app
+from hetlm.cli.loading import TargetArgument, load_for_inference
 from hetlm.cli.options import SetOption
 from hetlm.cli.render import RichReporter, stderr, stdout
-from hetlm.config import with_overrides
 from hetlm.errors import UsageError
+from hetlm.evaluate import evaluate, text_tokens
 from hetlm.io import atomic_write_json
+from hetlm.preprocess import load_data_manifest, open_split
+from hetlm.tokenizer import Tokenizer
 
-TargetArgument = Annotated[Path, typer.Argument(help="A run folder (its best checkpoint), a checkpoint folder or a bundle.",
-                                                show_default=False)]
 # The model's shape and tokenizer come with the weights; only these sections may be overridden.
 OVERRIDABLE = ("device", "eval", "sample")
-
-
-def _load(target: Path, assignments: list[str] | None):
-    from hetlm.planner import detect_inventory, make_plan
-
-    with RichReporter() as reporter:
-        loaded = load_checkpoint(target, "cpu", reporter=reporter)
-    config = with_overrides(loaded.config, assignments or [], OVERRIDABLE)
-    plan = make_plan(detect_inventory(), config, workload="infer")
-    plan.apply()
-    loaded.model.to(plan.torch_device)
-    return loaded, config, plan
 
 
 def results_path(loaded: LoadedModel) -> Path | None:
@@ -65,10 +54,6 @@ def evaluate_command(
     set_: SetOption = None,
 ) -> None:
     """Loss, perplexity and bits per byte of a model on a data split or text files, every token scored once."""
-    from hetlm.evaluate import evaluate, text_tokens
-    from hetlm.preprocess import load_data_manifest, open_split
-    from hetlm.tokenizer import Tokenizer
-
     if more_text and not text:
         raise UsageError(f"unexpected argument {more_text[0]} (text files go after --text)")
     files = [*(text or []), *(more_text or [])]
@@ -76,7 +61,7 @@ def evaluate_command(
         raise UsageError("--data and --text exclude each other: score a data folder or text files")
     if split not in ("val", "train"):
         raise UsageError(f"--split must be val or train, got {split!r}")
-    loaded, config, plan = _load(target, set_)
+    loaded, config, plan = load_for_inference(target, set_, OVERRIDABLE)
     max_tokens = config.eval.max_tokens if max_tokens is None else max_tokens
     stride = config.eval.stride if stride is None else stride
     if max_tokens < 0 or stride < 0:
@@ -135,95 +120,3 @@ app.command("eval")(evaluate_command)
 app.command("evaluate", help="Same as `hetlm eval`.")(evaluate_command)
 
 
-@app.command("generate")
-def generate_command(
-    target: TargetArgument,
-    stdin: Annotated[Optional[str], typer.Argument(
-        metavar="[-]", help="'-' reads the prompt from standard input.", show_default=False)] = None,
-    prompt: Annotated[Optional[str], typer.Option("--prompt", "-p", help="The prompt text.", show_default=False)] = None,
-    prompt_file: Annotated[Optional[Path], typer.Option(
-        "--prompt-file", help="Read the prompt from this UTF-8 file.", show_default=False)] = None,
-    max_new_tokens: Annotated[Optional[int], typer.Option(
-        "--max-new-tokens", "-n", help="\\[default: sample.max_new_tokens]", show_default=False)] = None,
-    temperature: Annotated[Optional[float], typer.Option(
-        "--temperature", "-t", help="0 = greedy \\[default: sample.temperature]", show_default=False)] = None,
-    top_k: Annotated[Optional[int], typer.Option(
-        "--top-k", help="Sample among the K likeliest tokens; 0 = off \\[default: sample.top_k]", show_default=False)] = None,
-    top_p: Annotated[Optional[float], typer.Option(
-        "--top-p", help="Sample among the likeliest tokens holding P of the probability \\[default: sample.top_p]",
-        show_default=False)] = None,
-    seed: Annotated[Optional[int], typer.Option(
-        "--seed", help="Same seed, same text \\[default: sample.seed]", show_default=False)] = None,
-    stop: Annotated[Optional[list[str]], typer.Option(
-        "--stop", help="End the text before this string (repeatable).", show_default=False)] = None,
-    num_samples: Annotated[int, typer.Option("--num-samples", help="Samples drawn as one batch.")] = 1,
-    no_stream: Annotated[bool, typer.Option("--no-stream", help="Print the text when it is complete.")] = False,
-    quantize: Annotated[Optional[str], typer.Option(
-        "--quantize", help="int8: decode with int8 weights, faster for larger models on the CPU; none: full precision "
-        "\\[default: sample.quantize]", show_default=False)] = None,
-    set_: SetOption = None,
-) -> None:
-    """Continue a prompt: text streams to stdout as it is generated, statistics go to stderr.
-
-    The prompt starts with <s>; generation ends at </s>, a stop string or --max-new-tokens.
-
-    Past the context length the window slides: the newest half of the context is kept and prefilled again.
-
-    With --num-samples above 1 each sample is printed whole, after a '=== sample i/N ===' line.
-    """
-    from hetlm.sampling import Sampler, SamplingSettings, encode_prompt, make_generator
-    from hetlm.tokenizer import Tokenizer
-
-    text = _prompt_text(stdin, prompt, prompt_file)
-    loaded, config, plan = _load(target, [*(set_ or []), *([f"sample.quantize={quantize}"] if quantize is not None else [])])
-    settings = SamplingSettings.from_config(
-        config.sample, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-        stop=tuple(stop) if stop else None, num_samples=num_samples,
-    )
-    tokenizer = Tokenizer.load(loaded.tokenizer_path)
-    sampler = Sampler(loaded.model, tokenizer, plan)
-    generator = make_generator(config.sample.seed if seed is None else seed, plan.torch_device)
-    with RichReporter() as reporter:
-        generation = sampler.stream(encode_prompt(tokenizer, text), settings, generator, reporter)
-        out = sys.stdout
-        if num_samples == 1 and not no_stream:
-            for chunk in generation:
-                if chunk.text:
-                    out.write(chunk.text)
-                    out.flush()
-            out.write("\n")
-        else:
-            for _ in generation:
-                pass
-            for completion in generation.result.completions:
-                if num_samples > 1:
-                    out.write(f"=== sample {completion.index + 1}/{num_samples} ===\n")
-                out.write(completion.text + "\n")
-        out.flush()
-    result = generation.result
-    reasons = ", ".join(sorted(set(c.finish_reason for c in result.completions)))
-    slid = f", window slid {result.slides}x" if result.slides else ""
-    stderr.print(
-        f"{result.new_tokens} tokens in {result.seconds:.2f} s ({result.tokens_per_second:,.1f} tok/s), "
-        f"time to first token {result.time_to_first_token * 1000:.0f} ms, prompt {result.prompt_tokens} tokens, "
-        f"ended by {reasons}{slid} [{plan.device}{', int8 weights' if plan.decode_weights == 'int8' else ''}]",
-        highlight=False, markup=False, soft_wrap=True,
-    )
-
-
-def _prompt_text(stdin: str | None, prompt: str | None, prompt_file: Path | None) -> str:
-    if stdin is not None and stdin != "-":
-        raise UsageError(f"unexpected argument {stdin!r}: give the prompt with --prompt, --prompt-file or '-' for stdin")
-    given = [name for name, value in (("--prompt", prompt), ("--prompt-file", prompt_file), ("-", stdin)) if value is not None]
-    if len(given) > 1:
-        raise UsageError(f"give the prompt one way only, not {' and '.join(given)}")
-    if prompt_file is not None:
-        if not prompt_file.is_file():
-            raise UsageError(f"prompt file not found: {prompt_file}")
-        try:
-            return prompt_file.read_text(encoding="utf-8")
-        except UnicodeDecodeError:
-            raise UsageError(f"{prompt_file} is not UTF-8 text") from None
-    if stdin == "-":
-        return sys.stdin.read()
-    return prompt or ""

@@ -15,3 +15,7 @@ SetOption = Annotated[
     Optional[list[str]],
     typer.Option("--set", "-s", help="Override one key: section.key=value (repeatable).", show_default=False),
 ]
+OutOption = Annotated[
+    Optional[Path],
+    typer.Option("--out", "-o", help="Run folder (default: runs/<config name>).", show_default=False),
+]

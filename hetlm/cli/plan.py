@@ -12,7 +12,7 @@ from rich.table import Table
 
 from hetlm.cli.app import app
 from hetlm.cli.options import ConfigOption, SetOption
-from hetlm.cli.render import stdout
+from hetlm.cli.render import plan_table, stdout
 from hetlm.config import load_config
 from hetlm.planner import Inventory, Plan, detect_inventory, load_inventory, make_plan
 
@@ -36,7 +36,7 @@ def plan(
         typer.echo(json.dumps(result.to_dict(), indent=2))
         return
     stdout.print(_inventory_table(machine))
-    stdout.print(_decisions_table(result))
+    stdout.print(plan_table(result))
     if result.memory:
         stdout.print(_memory_table(result))
     stdout.print(f"peak {result.peak_flops / 1e12:.2f} TFLOP/s on {result.device} at {result.dtype} (the MFU denominator)")
@@ -65,19 +65,6 @@ def _inventory_table(machine: Inventory) -> Table:
         ))
     if machine.mps:
         table.add_row("mps", "Apple GPU sharing the system RAM")
-    return table
-
-
-def _decisions_table(result: Plan) -> Table:
-    table = Table(title=f"Plan: {result.workload} on {result.device} ({result.dtype})", title_justify="left")
-    table.add_column("Stage", style="bold")
-    table.add_column("Choice", max_width=24)
-    table.add_column("Why")
-    for decision in result.decisions:
-        choice = escape(decision.choice)
-        if decision.stage == "memory":
-            choice = f"[green]{choice}[/]" if result.fits else f"[bold red]{choice}[/]"
-        table.add_row(escape(decision.stage), choice, escape(decision.reason))
     return table
 
 

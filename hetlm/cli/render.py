@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
@@ -14,7 +15,9 @@ from rich.progress import (
     TimeElapsedColumn,
     TransferSpeedColumn,
 )
+from rich.table import Table
 
+from hetlm.planner import Plan
 from hetlm.reporting import Reporter
 
 stdout = Console(soft_wrap=True)
@@ -26,18 +29,12 @@ class RichReporter(Reporter):
 
     def __init__(self, console: Console = stderr) -> None:
         self.console = console
-        self.progress = Progress(
-            SpinnerColumn(),
-            TextColumn("[bold]{task.description}"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TransferSpeedColumn(),
-            TimeElapsedColumn(),
-            console=console,
-            transient=False,
-            disable=not console.is_terminal,
-        )
+        self.progress = Progress(*self.columns(), console=console, transient=False, disable=not console.is_terminal)
         self.tasks: dict[str, Any] = {}
+
+    def columns(self) -> tuple[Any, ...]:
+        return (SpinnerColumn(), TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                TransferSpeedColumn(), TimeElapsedColumn())
 
     def __enter__(self) -> RichReporter:
         self.progress.start()
@@ -67,3 +64,17 @@ class RichReporter(Reporter):
 
     def warning(self, message: str) -> None:
         self.progress.console.print(f"[yellow]warning:[/] {message}", highlight=False)
+
+
+def plan_table(plan: Plan) -> Table:
+    """The planner's decisions, one row each, the memory row green when the plan fits and red when not."""
+    table = Table(title=f"Plan: {plan.workload} on {plan.device} ({plan.dtype})", title_justify="left")
+    table.add_column("Stage", style="bold")
+    table.add_column("Choice", max_width=24)
+    table.add_column("Why")
+    for decision in plan.decisions:
+        choice = escape(decision.choice)
+        if decision.stage == "memory":
+            choice = f"[green]{choice}[/]" if plan.fits else f"[bold red]{choice}[/]"
+        table.add_row(escape(decision.stage), choice, escape(decision.reason))
+    return table

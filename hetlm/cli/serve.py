@@ -1,0 +1,62 @@
+"""``hetlm serve``."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from hetlm.cli.app import app
+from hetlm.cli.loading import load_for_inference
+from hetlm.cli.options import SetOption
+from hetlm.cli.render import RichReporter
+from hetlm.errors import HetlmError
+
+try:
+    from hetlm.serve import create_app, run_server
+except ImportError as missing:  # FastAPI and uvicorn are the optional `serve` extra
+    SERVE_MISSING: ImportError | None = missing
+else:
+    SERVE_MISSING = None
+
+# The model's shape and tokenizer come with the weights; only these sections may be overridden when serving.
+SERVE_OVERRIDABLE = ("serve", "sample", "device")
+TargetArgument = Annotated[Path, typer.Argument(help="A run folder, a checkpoint folder or a bundle.", show_default=False)]
+
+
+@app.command("serve")
+def serve_command(
+    target: TargetArgument,
+    host: Annotated[Optional[str], typer.Option("--host", help="Address to bind \\[default: serve.host, 127.0.0.1].",
+                                                show_default=False)] = None,
+    port: Annotated[Optional[int], typer.Option("--port", help="Port \\[default: serve.port, 8000]; 0 picks a free one.",
+                                                show_default=False)] = None,
+    api_key: Annotated[Optional[str], typer.Option("--api-key", envvar="HETLM_API_KEY", show_envvar=True,
+                                                   help="Clients must send 'Authorization: Bearer KEY'.",
+                                                   show_default=False)] = None,
+    max_concurrency: Annotated[Optional[int], typer.Option(
+        "--max-concurrency", help="Generations advanced together \\[default: serve.max_concurrency].", show_default=False)] = None,
+    model_name: Annotated[Optional[str], typer.Option(
+        "--model-name", help="The model id clients ask for \\[default: the target folder's name].", show_default=False)] = None,
+    set_: SetOption = None,
+) -> None:
+    """Serve a run, checkpoint or bundle over an OpenAI-compatible HTTP API (/v1/completions, /v1/chat/completions).
+
+    serve.*, sample.* and device.* settings come from the model's saved config, then --set, then the options above.
+    """
+    if SERVE_MISSING is not None:
+        raise HetlmError(f"hetlm serve needs FastAPI and uvicorn ({SERVE_MISSING}): pip install 'hetlm[serve]'")
+    loaded, config, plan = load_for_inference(target, set_, SERVE_OVERRIDABLE)
+    changes = {k: v for k, v in {"host": host, "port": port, "max_concurrency": max_concurrency}.items() if v is not None}
+    serve = dataclasses.replace(config.serve, **changes)
+    serve.validate()
+    name = model_name or Path(target).resolve().name
+    app_ = create_app(loaded, plan, serve=serve, sample=config.sample, api_key=api_key, model_name=name)
+    # No progress bars here: the reporter only prints the startup lines and warnings.
+    reporter = RichReporter()
+    weights = ", int8 weights" if plan.decode_weights == "int8" else ""
+    reporter.info(f"{name} on {plan.device} ({plan.dtype}{weights}), {serve.max_concurrency} concurrent, "
+                  f"{serve.max_queue} queued at most")
+    run_server(app_, serve.host, serve.port, reporter)
