@@ -27,7 +27,8 @@ from collections import Counter
 from pathlib import Path
 
 from hetlm.config import load_config
-from hetlm.preprocess import default_preprocess_workers, discover, iter_documents, load_data_manifest
+from hetlm.preprocess import default_preprocess_workers, discover, iter_documents
+from hetlm.store import read_data_manifest
 from hetlm.tokenizer import Tokenizer
 
 MB = 1_000_000
@@ -142,7 +143,7 @@ def main() -> None:
         for _ in range(args.repeats):
             loads.append(round(os.getloadavg()[0], 2))
             wall_s, peak = run_preprocess(corpus, out, workers, args.vocab_size)
-            manifest = load_data_manifest(out)
+            manifest = read_data_manifest(out)
             encoded = sum(split["bytes"] for split in manifest["splits"].values())
             parallel.append(encoded / manifest["timings"]["encode_s"] / MB)
             parallel_cpu.append(manifest["timings"]["encode_cpu_s"] / (encoded / MB))

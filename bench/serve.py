@@ -35,10 +35,10 @@ def random_model(work: Path) -> Path:
     """A run folder holding one checkpoint of a randomly initialised default-shape model."""
     import torch
 
-    from hetlm.checkpoint import save_checkpoint, step_dir_name
     from hetlm.config import load_config
     from hetlm.model import Transformer
     from hetlm.preprocess import stdlib_root
+    from hetlm.store import Checkpoint, RunDir
     from hetlm.tokenizer import train_tokenizer, training_sentences
 
     text = "".join(p.read_text(encoding="utf-8") for p in sorted(stdlib_root().glob("*.py"))[:40])
@@ -47,7 +47,7 @@ def random_model(work: Path) -> Path:
     config = load_config(None, ["model.vocab_size=1024"])
     torch.manual_seed(0)
     run = work / "run"
-    save_checkpoint(run / "checkpoints" / step_dir_name(0), Transformer(config.model), config, work / "tokenizer.model")
+    Checkpoint.write(RunDir(run).checkpoint_path(0), Transformer(config.model), config, work / "tokenizer.model")
     return run
 
 

@@ -28,7 +28,7 @@ from hetlm.config import load_config
 from hetlm.data import PrefetchLoader, sample_windows
 from hetlm.model import Transformer, flops_per_token, parameter_counts
 from hetlm.planner import detect_inventory, make_plan
-from hetlm.train import TrainStep, make_optimizer
+from hetlm.train import TrainStep, learning_rate_at, make_optimizer
 
 SHAPES = {
     # nanoGPT's CPU "baby" run on characters: 0.8M parameters at vocab 65.
@@ -95,7 +95,7 @@ def planned(config, plan, tokens: np.ndarray, batch: int):
     counter = iter(range(10**9))
 
     def step() -> None:
-        stepper(next(counter), loader)
+        stepper(learning_rate_at(next(counter), config.train), loader)
 
     # read() waits for the device, so the timed region ends when the work does.
     return step, stepper.read, loader.close

@@ -17,29 +17,31 @@ hetlm's parameter names are Hugging Face's and its RoPE is rotate-half, so the e
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from pathlib import Path
 from typing import Any
 
-import torch
 from safetensors.torch import save_file
 
 from hetlm import __version__
-from hetlm.checkpoint import WEIGHTS, LoadedModel, load_checkpoint, load_weights, weights_state_dict
-from hetlm.config import Config, config_from_dict
+from hetlm.config import Config
 from hetlm.errors import HetlmError, UsageError
-from hetlm.io import atomic_dir, sha256_file
-from hetlm.model import Transformer, parameter_counts
+from hetlm.io import sha256_file
+from hetlm.model import DTYPES, parameter_counts
 from hetlm.reporting import NullReporter, Reporter
+from hetlm.store import (
+    TOKENIZER,
+    WEIGHTS,
+    LoadedModel,
+    is_bundle,
+    load_checkpoint,
+    read_data_manifest,
+    weights_state_dict,
+    write_bundle,
+)
+from hetlm.tokenizer import SPECIAL_IDS
 
-BUNDLE_MANIFEST = "hetlm.json"
-BUNDLE_FORMAT_VERSION = 1
-TOKENIZER_FILE = "tokenizer.model"
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 HF_DTYPE_NAMES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
-# hetlm's tokenizer reserves these ids (see hetlm/tokenizer.py).
-SPECIAL_IDS = {"unk": 0, "bos": 1, "eos": 2, "pad": 3}
 
 # The template the server renders chat messages with. The model is a base model, so the roles are plain
 # text labels it can pick up from a few examples; the same template goes into tokenizer_config.json so
@@ -63,44 +65,6 @@ def render_chat(messages: list[dict[str, str]], add_generation_prompt: bool = Tr
     """Messages ({"role", "content"}) as one prompt: "Role: content" blocks separated by blank lines."""
     text = "".join(f"{CHAT_ROLES[m['role']]}: {m['content']}\n\n" for m in messages)
     return text + "Assistant:" if add_generation_prompt else text
-
-
-def is_bundle(path: Path) -> bool:
-    return (Path(path) / BUNDLE_MANIFEST).is_file()
-
-
-def read_bundle_manifest(path: Path, verify: bool = True) -> dict[str, Any]:
-    """The bundle's hetlm.json; with ``verify`` every listed file must exist and match its sha256."""
-    path = Path(path)
-    try:
-        meta = json.loads((path / BUNDLE_MANIFEST).read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise UsageError(f"{path / BUNDLE_MANIFEST} is not readable JSON: {exc}") from None
-    if not isinstance(meta, dict) or meta.get("kind") != "bundle" or not isinstance(meta.get("files"), dict) \
-            or not isinstance(meta.get("config"), dict):
-        raise UsageError(f"{path / BUNDLE_MANIFEST} is not a hetlm bundle manifest")
-    for name, digest in meta["files"].items():
-        file = path / name
-        if not file.is_file():
-            raise UsageError(f"bundle {path} is incomplete: {name} is missing")
-        if verify and sha256_file(file) != digest:
-            raise UsageError(f"bundle {path} is corrupt: {name} does not match its sha256 in {BUNDLE_MANIFEST}")
-    return meta
-
-
-def load_bundle(path: Path, device: str | torch.device = "cpu") -> LoadedModel:
-    """A bundle's model in fp32 and eval mode on ``device``, whatever dtype the bundle stores."""
-    path = Path(path)
-    meta = read_bundle_manifest(path)
-    try:
-        config = config_from_dict(meta["config"])
-    except HetlmError as exc:
-        raise UsageError(f"{path / BUNDLE_MANIFEST}: invalid config ({exc})") from None
-    model = Transformer(config.model)
-    # load_state_dict copies into the fp32 parameters, so bf16/fp16 bundles are upcast here.
-    load_weights(model, path / WEIGHTS)
-    model.to(device).eval()
-    return LoadedModel(model=model, config=config, tokenizer_path=path / TOKENIZER_FILE, path=path, manifest=meta)
 
 
 def hf_config(config: Config, dtype: str) -> dict[str, Any]:
@@ -194,8 +158,8 @@ def hf_tokenizer_config(pieces: dict[str, str], context_length: int) -> dict[str
 def _source_info(loaded: LoadedModel) -> dict[str, Any]:
     """Where the weights came from, and the scalar facts its manifest records (step, val_loss...)."""
     path = Path(loaded.path).resolve()
-    manifest = loaded.manifest or {}
-    if manifest.get("kind") == "bundle":
+    manifest = loaded.manifest
+    if loaded.is_bundle:
         return dict(manifest.get("source") or {})
     info = {k: v for k, v in manifest.items()
             if k not in ("files", "format_version", "kind") and isinstance(v, (int, float, str, bool))}
@@ -203,40 +167,12 @@ def _source_info(loaded: LoadedModel) -> dict[str, Any]:
     return {"checkpoint": str(path), "run": str(run) if run else None, **info}
 
 
-def find_eval_metrics(loaded: LoadedModel, reporter: Reporter = NullReporter()) -> dict[str, Any] | None:
-    """What ``hetlm eval`` recorded for this checkpoint (eval.json in its run or its own folder), if anything."""
-    manifest = loaded.manifest or {}
-    if manifest.get("kind") == "bundle":
-        return manifest.get("eval") if isinstance(manifest.get("eval"), dict) else None
-    path = Path(loaded.path)
-    candidates = [path / "eval.json"]
-    if path.parent.name == "checkpoints":
-        candidates.append(path.parent.parent / "eval.json")
-    for file in candidates:
-        try:
-            metrics = json.loads(file.read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            continue
-        if not isinstance(metrics, dict):
-            continue
-        scored = metrics.get("checkpoint")
-        if scored and Path(scored).resolve() != path.resolve():
-            reporter.warning(f"{file} scores {scored}, not the deployed {path}: its metrics are left out "
-                             f"(run `hetlm eval {path}` to include them)")
-            continue
-        return metrics
-    return None
-
-
 def data_summary(loaded: LoadedModel) -> dict[str, Any] | None:
     """What the model was trained on, from its data folder's manifest (when that folder is still here)."""
-    manifest = loaded.manifest or {}
-    if manifest.get("kind") == "bundle":
-        return manifest.get("data") if isinstance(manifest.get("data"), dict) else None
-    from hetlm.preprocess import load_data_manifest
-
+    if loaded.is_bundle:
+        return loaded.manifest.get("data") if isinstance(loaded.manifest.get("data"), dict) else None
     try:
-        data = load_data_manifest(loaded.config.data.dir)
+        data = read_data_manifest(loaded.config.data.dir)
     except UsageError:
         return None
     if data.get("tokenizer", {}).get("sha256") != sha256_file(loaded.tokenizer_path):
@@ -352,27 +288,23 @@ def deploy(target: Path, out: Path, dtype: str = "fp32", prefer: str = "best",
         reporter.warning("the tokenizer adds a dummy prefix space; transformers' LlamaTokenizer will not give "
                          "hetlm's ids for text that starts without a space")
     source = _source_info(loaded)
-    metrics = find_eval_metrics(loaded, reporter)
+    metrics = loaded.eval_results(reporter)
     data = data_summary(loaded)
     counts = parameter_counts(config.model)
 
-    reporter.start("deploy", total=None)
-    with atomic_dir(out) as tmp:
+    def fill(folder: Path) -> dict[str, Any]:
         state = {k: v.to(DTYPES[dtype]).contiguous() for k, v in weights_state_dict(loaded.model).items()}
-        save_file(state, tmp / WEIGHTS, metadata={"format": "pt"})
+        save_file(state, folder / WEIGHTS, metadata={"format": "pt"})
         del state
-        _write_json(tmp / "config.json", hf_config(config, dtype))
-        _write_json(tmp / "generation_config.json", hf_generation_config(config))
-        shutil.copyfile(loaded.tokenizer_path, tmp / TOKENIZER_FILE)
-        _write_json(tmp / "tokenizer_config.json", hf_tokenizer_config(pieces, config.model.context_length))
-        _write_json(tmp / "special_tokens_map.json",
+        _write_json(folder / "config.json", hf_config(config, dtype))
+        _write_json(folder / "generation_config.json", hf_generation_config(config))
+        shutil.copyfile(loaded.tokenizer_path, folder / TOKENIZER)
+        _write_json(folder / "tokenizer_config.json", hf_tokenizer_config(pieces, config.model.context_length))
+        _write_json(folder / "special_tokens_map.json",
                     {f"{name}_token": pieces[name] for name in ("bos", "eos", "unk", "pad")})
-        (tmp / "README.md").write_text(model_card(out.name, config, counts, dtype, source, metrics, data), encoding="utf-8")
-        files = {p.name: sha256_file(p) for p in sorted(tmp.iterdir()) if p.is_file()}
-        _write_json(tmp / BUNDLE_MANIFEST, {
-            "format_version": BUNDLE_FORMAT_VERSION,
-            "kind": "bundle",
-            "hetlm_version": __version__,
+        (folder / "README.md").write_text(model_card(out.name, config, counts, dtype, source, metrics, data),
+                                          encoding="utf-8")
+        return {
             "dtype": dtype,
             "parameters": counts,
             "chat_template": "Role: content blocks separated by blank lines, ending with 'Assistant:'",
@@ -380,20 +312,12 @@ def deploy(target: Path, out: Path, dtype: str = "fp32", prefer: str = "best",
             "data": data,
             "eval": metrics,
             "config": config.to_dict(),
-            "files": files,
-        })
-        _make_shareable(tmp)
+        }
+
+    reporter.start("deploy", total=None)
+    write_bundle(out, fill)
     reporter.finish("deploy")
     return out
-
-
-def _make_shareable(folder: Path) -> None:
-    """Give the bundle the modes of ordinary new files: its temporary folder was created private (0700)."""
-    umask = os.umask(0o022)
-    os.umask(umask)
-    folder.chmod(0o777 & ~umask)
-    for file in folder.iterdir():
-        file.chmod(0o666 & ~umask)
 
 
 def _write_json(path: Path, obj: Any) -> None:

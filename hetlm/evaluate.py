@@ -82,6 +82,11 @@ def token_byte_lengths(tokenizer: Tokenizer) -> np.ndarray:
     return lengths
 
 
+def bits_per_byte(nll: float, n_bytes: int) -> float:
+    """Total NLL (nats) over the UTF-8 bytes of the scored targets' text, in bits per byte."""
+    return nll / math.log(2) / n_bytes if n_bytes else float("nan")
+
+
 def count_bytes(tokens: np.ndarray, lengths: np.ndarray, chunk: int = 1 << 24) -> int:
     """Bytes of the text of ``tokens``, in chunks so a large memmap is never copied whole."""
     return int(sum(lengths[np.asarray(tokens[i : i + chunk], dtype=np.int64)].sum() for i in range(0, len(tokens), chunk)))
@@ -205,7 +210,7 @@ def evaluate(model: Transformer, tokenizer: Tokenizer, tokens: np.ndarray, *, so
         nll=nll,
         loss=loss,
         perplexity=math.exp(min(loss, 700.0)),
-        bits_per_byte=bits / size if size else float("nan"),
+        bits_per_byte=bits_per_byte(nll, size),
         chars=chars,
         bits_per_char=bits / chars if chars else None,
         context_length=context,

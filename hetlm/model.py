@@ -16,6 +16,9 @@ from torch import nn
 
 from hetlm.config import ModelConfig
 
+# The dtype names configs, plans and bundles use.
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
 
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float) -> None:
@@ -234,6 +237,30 @@ class Transformer(nn.Module):
                                    device=self.rope_cos.device)
             self.rope_cos.copy_(cos)
             self.rope_sin.copy_(sin)
+
+    @classmethod
+    def from_state_dict(cls, config: ModelConfig, state: dict[str, torch.Tensor],
+                        device: str | torch.device = "cpu") -> Transformer:
+        """The model with ``state``'s weights, in fp32 on ``device``; KeyError names a missing or unexpected weight.
+
+        Built on the meta device, so no memory or time goes into random weights that are overwritten at once.
+        """
+        with torch.device("meta"):
+            model = cls(config)
+        weights = {name: tensor.to(device, torch.float32) for name, tensor in state.items()}
+        if config.tie_embeddings:
+            weights.pop("lm_head.weight", None)
+        expected = {name for name, _ in model.named_parameters()}
+        if unknown := sorted(set(weights) - expected):
+            raise KeyError(f"unexpected {unknown[:3]}")
+        if missing := sorted(expected - set(weights)):
+            raise KeyError(f"missing {missing[:3]}")
+        model.load_state_dict(weights, strict=False, assign=True)
+        if config.tie_embeddings:
+            model.lm_head.weight = model.model.embed_tokens.weight
+        cos, sin = rope_tables(config.head_dim, config.context_length, config.rope_theta, device=torch.device(device))
+        model.rope_cos, model.rope_sin = cos, sin
+        return model
 
     def set_attention_dtype(self, dtype: torch.dtype | None) -> None:
         """Run attention in ``dtype`` even inside an autocast region (None: autocast decides).

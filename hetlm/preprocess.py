@@ -43,7 +43,9 @@ from hetlm import __version__
 from hetlm.config import Config, DataConfig, save_config
 from hetlm.errors import HetlmError, UsageError
 from hetlm.io import atomic_write_json, fsync_dir, sha256_file
+from hetlm.planner import detect_inventory, make_plan
 from hetlm.reporting import NullReporter, Reporter
+from hetlm.store import CONFIG, DATA_FORMAT_VERSION, MANIFEST, SPLITS, TOKENIZER, finished_data_manifest, split_file_name
 from hetlm.tokenizer import (
     BOS_ID,
     EOS_ID,
@@ -54,11 +56,7 @@ from hetlm.tokenizer import (
     training_sentences,
 )
 
-FORMAT_VERSION = 1
 BUILTIN_CORPUS = "python-stdlib"
-MANIFEST = "manifest.json"
-TOKENIZER_FILE = "tokenizer.model"
-SPLITS = ("train", "val")
 TRAIN, VAL = 0, 1
 
 JSONL_SUFFIXES = (".jsonl", ".ndjson")
@@ -81,8 +79,6 @@ _BOS, _EOS = 1, 2
 
 def default_preprocess_workers(config: Config) -> int:
     """Worker processes when none are given: the device planner's choice (every usable CPU)."""
-    from hetlm.planner import detect_inventory, make_plan  # imports torch; only needed when no count is given
-
     return make_plan(detect_inventory(), config, workload="preprocess").preprocess_workers
 
 
@@ -663,7 +659,7 @@ def dtype_for(vocab_size: int) -> np.dtype:
 def _fingerprint(inventory: Inventory, data: DataConfig, inputs: Sequence[str]) -> str:
     """What decides the output: the input files (path, size, mtime) and the settings."""
     settings = {
-        "format_version": FORMAT_VERSION,
+        "format_version": DATA_FORMAT_VERSION,
         "inputs": list(inputs) or [BUILTIN_CORPUS],
         "files": [[str(s.path), s.size, s.mtime_ns] for s in inventory.sources],
         "vocab_size": data.vocab_size,
@@ -677,23 +673,8 @@ def _fingerprint(inventory: Inventory, data: DataConfig, inputs: Sequence[str]) 
 
 
 def _up_to_date(out: Path, fingerprint: str) -> dict[str, Any] | None:
-    try:
-        manifest = json.loads((out / MANIFEST).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    if not isinstance(manifest, dict) or manifest.get("fingerprint") != fingerprint:
-        return None
-    try:
-        itemsize = np.dtype(manifest["dtype"]).itemsize
-        for split in SPLITS:
-            entry = manifest["splits"][split]
-            if (out / entry["file"]).stat().st_size != entry["tokens"] * itemsize:
-                return None
-        if not (out / TOKENIZER_FILE).is_file():
-            return None
-    except (KeyError, TypeError, OSError):
-        return None
-    return manifest
+    manifest = finished_data_manifest(out)
+    return manifest if manifest is not None and manifest.get("fingerprint") == fingerprint else None
 
 
 # --------------------------------------------------------------------------- the stage
@@ -760,29 +741,29 @@ def preprocess(
     finished = False
     try:
         encode_started, encode_cpu = time.perf_counter(), _cpu_seconds()
-        bins = (work / "train.bin", work / "val.bin")
+        bins = (work / split_file_name("train"), work / split_file_name("val"))
         totals = _encode(scan, data, tokenizer, dtype, bins, workers, parallel_min_bytes, reporter)
         encode_s, encode_cpu_s = time.perf_counter() - encode_started, _cpu_seconds() - encode_cpu
         if totals.documents[VAL] == 0 or totals.tokens[TRAIN] == 0:
             raise UsageError("the corpus is too small to give both a train and a val split; add more text")
 
-        (work / TOKENIZER_FILE).write_bytes(tokenizer.model_proto)
+        (work / TOKENIZER).write_bytes(tokenizer.model_proto)
         saved = dataclasses.replace(config, data=dataclasses.replace(data, dir=str(out_dir)))
-        save_config(saved, work / "config.yaml")
+        save_config(saved, work / CONFIG)
         manifest = {
-            "format_version": FORMAT_VERSION,
+            "format_version": DATA_FORMAT_VERSION,
             "hetlm_version": __version__,
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             "corpus": corpus_name(inputs),
             "inputs": inputs or [BUILTIN_CORPUS],
             "fingerprint": fingerprint,
             "dtype": dtype.name,
-            "tokenizer": {"file": TOKENIZER_FILE, "sha256": tokenizer.sha256,
+            "tokenizer": {"file": TOKENIZER, "sha256": tokenizer.sha256,
                           **tokenizer_settings(tokenizer),
                           "sample_bytes": sample_bytes.total, "sample_of": "train"},
             "split": scan.split.describe(),
             "splits": {
-                name: {"file": f"{name}.bin", "documents": totals.documents[i], "bytes": totals.bytes[i],
+                name: {"file": split_file_name(name), "documents": totals.documents[i], "bytes": totals.bytes[i],
                        "tokens": totals.tokens[i]}
                 for i, name in enumerate(SPLITS)
             },
@@ -796,7 +777,7 @@ def preprocess(
         }
         # The old manifest goes first: from here until the new one is written the folder is unfinished.
         (out_dir / MANIFEST).unlink(missing_ok=True)
-        for name in (TOKENIZER_FILE, "train.bin", "val.bin", "config.yaml"):
+        for name in (TOKENIZER, *map(split_file_name, SPLITS), CONFIG):
             os.replace(work / name, out_dir / name)
         fsync_dir(out_dir)
         atomic_write_json(out_dir / MANIFEST, manifest)
@@ -836,38 +817,3 @@ class _SampleCounter:
 
 
 # --------------------------------------------------------------------------- reading a data folder
-
-
-def load_data_manifest(path: str | Path) -> dict[str, Any]:
-    """The manifest of a finished data folder; UsageError (exit 2) when there is none."""
-    folder = Path(path)
-    if not folder.exists():
-        raise UsageError(f"data folder not found: {folder} (run `hetlm preprocess` first)")
-    if not folder.is_dir():
-        raise UsageError(f"not a data folder: {folder} is a file")
-    manifest_path = folder / MANIFEST
-    if not manifest_path.is_file():
-        raise UsageError(f"{folder} has no {MANIFEST}: preprocessing did not finish there (run `hetlm preprocess`)")
-    try:
-        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise UsageError(f"cannot read {manifest_path}: {exc}") from None
-    if not isinstance(manifest, dict) or manifest.get("format_version") != FORMAT_VERSION:
-        found = manifest.get("format_version") if isinstance(manifest, dict) else None
-        raise UsageError(f"{manifest_path}: data format {found!r} is not supported (expected {FORMAT_VERSION}); "
-                         "run `hetlm preprocess --force`")
-    return manifest
-
-
-def open_split(path: str | Path, split: str) -> np.memmap:
-    """The token ids of ``split`` ("train" or "val") as a read-only memmap."""
-    manifest = load_data_manifest(path)
-    if split not in manifest.get("splits", {}):
-        raise UsageError(f"unknown split {split!r}: choose from {', '.join(manifest.get('splits', {}))}")
-    entry = manifest["splits"][split]
-    file = Path(path) / entry["file"]
-    dtype = np.dtype(manifest["dtype"]).newbyteorder("<")
-    expected = entry["tokens"] * dtype.itemsize
-    if not file.is_file() or file.stat().st_size != expected:
-        raise HetlmError(f"{file} is missing or truncated (expected {expected} bytes); run `hetlm preprocess --force`")
-    return np.memmap(file, dtype=dtype, mode="r")

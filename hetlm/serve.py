@@ -33,13 +33,13 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from hetlm.checkpoint import LoadedModel
 from hetlm.config import SampleConfig, ServeConfig
 from hetlm.deploy import CHAT_ROLES, CHAT_STOP, render_chat
 from hetlm.errors import HetlmError
 from hetlm.planner import Plan
 from hetlm.reporting import NullReporter, Reporter
 from hetlm.sampling import Sampler, SamplingSettings, encode_prompt, make_generator
+from hetlm.store import LoadedModel
 
 # Choices (prompts x n) one request may ask for, and stop strings (OpenAI allows 4).
 MAX_CHOICES = 16

@@ -20,9 +20,11 @@ from typing import Any
 import sentencepiece as spm
 
 from hetlm.errors import UsageError
+from hetlm.io import atomic_write_bytes
 
 UNK_ID, BOS_ID, EOS_ID, PAD_ID = 0, 1, 2, 3
 SPECIAL_PIECES = {"unk": "<unk>", "bos": "<s>", "eos": "</s>", "pad": "<pad>"}
+SPECIAL_IDS = {"unk": UNK_ID, "bos": BOS_ID, "eos": EOS_ID, "pad": PAD_ID}
 MODEL_TYPES = ("bpe", "unigram")
 # 256 byte pieces plus the four special tokens.
 MIN_VOCAB_SIZE = 260
@@ -94,9 +96,6 @@ class Tokenizer:
         """Token ids of ``text``, without BOS or EOS."""
         return encode_batch(self.processor, [text])[0]
 
-    def encode_batch(self, texts: list[str], num_threads: int = 1) -> list[list[int]]:
-        return encode_batch(self.processor, list(texts), num_threads)
-
     def decode(self, ids: Iterable[int]) -> str:
         return self.processor.Decode([int(i) for i in ids])
 
@@ -125,8 +124,6 @@ class Tokenizer:
         return self.processor.PieceToId(piece)
 
     def save(self, path: str | Path) -> None:
-        from hetlm.io import atomic_write_bytes
-
         atomic_write_bytes(Path(path), self.model_proto)
         self.path = Path(path)
 
@@ -246,7 +243,7 @@ def tokenizer_settings(tokenizer: Tokenizer) -> dict[str, Any]:
     return {
         **tokenizer.settings,
         "vocab_size": tokenizer.vocab_size,
-        "special_tokens": {name: i for i, name in enumerate(SPECIAL_PIECES.values())},
+        "special_tokens": {SPECIAL_PIECES[name]: i for name, i in SPECIAL_IDS.items()},
         "max_sentence_bytes": MAX_SENTENCE_BYTES,
         "trainer_threads": TRAINER_THREADS,
         "sentencepiece_version": spm.__version__,

@@ -1,12 +1,11 @@
 """``hetlm train``: the training loop, its checkpoints, and resuming them bit for bit.
 
-Everything a step depends on is either in the weights or in ``trainer.pt``: optimizer moments,
-the step counter and the schedule length fitted to train.max_time (the learning rate is a pure
-function of the two), the gradient scaler, the Python, numpy, torch and CUDA RNG states (dropout)
-and the data generator of every rank. Checkpoints are
-taken only between optimizer steps, so no gradient-accumulation state is ever half done, and
-evaluation draws no random numbers. A run killed at any moment and resumed from its newest
-complete checkpoint therefore replays exactly the steps it lost.
+Everything a step depends on is either in the weights or in ``trainer.pt``: optimizer moments and a
+``TrainState`` (the step counter and the schedule length fitted to train.max_time, of which the learning
+rate is a pure function; the gradient scaler; the Python, numpy, torch and CUDA RNG states (dropout)
+and the data generator of every rank). Checkpoints are taken only between optimizer steps, so no
+gradient-accumulation state is ever half done, and evaluation draws no random numbers. A run killed at
+any moment and resumed from its newest complete checkpoint therefore replays exactly the steps it lost.
 
 The step avoids host synchronisation: losses and bad-step counters accumulate on the device and
 are read once per log interval; a non-finite loss or gradient skips the update inside the fused
@@ -16,11 +15,9 @@ AdamW kernel through its ``found_inf`` input rather than through a Python branch
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import os
 import random
-import shutil
 import signal
 import threading
 import time
@@ -31,32 +28,22 @@ from typing import Any
 import numpy as np
 import torch
 import torch.distributed as tdist
+from torch.nn.parallel import DistributedDataParallel
 
-from hetlm.build import DataFolder, build_run, check_compatible, default_run_dir, open_data_folder, resolve_config
-from hetlm.checkpoint import (
-    MANIFEST,
-    STEP_DIR,
-    TRAINER_STATE,
-    WEIGHTS,
-    best_checkpoint,
-    list_checkpoints,
-    load_trainer_state,
-    load_weights,
-    resolve_checkpoint,
-    save_checkpoint,
-    step_dir_name,
-)
-from hetlm.config import Config, TrainConfig, parse_duration, save_config
+from hetlm.build import build_run, check_compatible, default_run_dir, resolve_config
+from hetlm.config import Config, TrainConfig, parse_duration
 from hetlm.data import PrefetchLoader, fixed_starts, gather_windows, split_inputs_targets
 from hetlm.errors import HetlmError, UsageError
-from hetlm.io import atomic_write_text
-from hetlm.model import Transformer, flops_per_token
+from hetlm.evaluate import count_bytes, token_byte_lengths
+from hetlm.metrics import MetricsLog, eval_record, finite, plot_losses
+from hetlm.model import flops_per_token
+from hetlm.planner import Plan
 from hetlm.reporting import NullReporter, Reporter
+from hetlm.store import Checkpoint, DataFolder, RunDir, resolve
+from hetlm.tokenizer import Tokenizer
 
+# trainer.pt's layout: TrainState.state_dict() plus "optimizer"; format 1 is read as is.
 STATE_FORMAT = 1
-METRICS = "metrics.jsonl"
-LOSS_PLOT = "loss.png"
-TENSORBOARD = "tensorboard"
 EXIT_CODES = {"SIGINT": 130, "SIGTERM": 143}
 
 
@@ -109,7 +96,7 @@ def make_optimizer(model: torch.nn.Module, train: TrainConfig, device: torch.dev
 
 
 @torch.no_grad()
-def evaluate(model: torch.nn.Module, windows: torch.Tensor, autocast: Any, batch_size: int) -> float:
+def mean_loss(model: torch.nn.Module, windows: torch.Tensor, autocast: Any, batch_size: int) -> float:
     """Mean next-token loss over fixed ``windows`` (N, T + 1); draws no random numbers."""
     was_training = model.training
     model.eval()
@@ -123,13 +110,6 @@ def evaluate(model: torch.nn.Module, windows: torch.Tensor, autocast: Any, batch
     return (total / len(windows)).item()
 
 
-def eval_record(step: int, val_loss: float, bytes_per_token: float | None) -> dict[str, Any]:
-    record = {"kind": "eval", "step": step, "val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 700.0))}
-    if bytes_per_token:
-        record["val_bpb"] = val_loss / math.log(2) / bytes_per_token
-    return record
-
-
 class TrainStep:
     """One optimizer step: accumulated micro-batches under autocast, loss scaling, clipping, AdamW.
 
@@ -138,7 +118,7 @@ class TrainStep:
     ``step_model`` is what runs the forward pass (the model, or its DDP wrapper).
     """
 
-    def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, plan: Any,
+    def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, plan: Plan,
                  train: TrainConfig, accumulation: int = 1, step_model: torch.nn.Module | None = None, ddp: Any = None,
                  world_size: int = 1) -> None:
         self.model, self.optimizer, self.scaler, self.plan, self.train = model, optimizer, scaler, plan, train
@@ -147,8 +127,6 @@ class TrainStep:
         self.ddp = ddp
         self.world_size = world_size
         self.fused = bool(optimizer.param_groups[0].get("fused"))
-        # Set by the trainer once a train.max_time budget has been turned into a number of steps.
-        self.fitted_steps = 0
         device = next(model.parameters()).device
         self.loss_sum = torch.zeros((), device=device)
         self.good = torch.zeros((), device=device)
@@ -156,9 +134,8 @@ class TrainStep:
         self.bad_run = torch.zeros((), device=device)
         self.bad_worst = torch.zeros((), device=device)
 
-    def __call__(self, step: int, batches: Any) -> None:
-        """Make the update numbered ``step`` (0-based) from ``accumulation`` batches of windows (B, T + 1)."""
-        lr = learning_rate_at(step, self.train, self.fitted_steps)
+    def __call__(self, lr: float, batches: Any) -> None:
+        """Make one update at learning rate ``lr`` from ``accumulation`` batches of windows (B, T + 1)."""
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         step_loss = torch.zeros_like(self.loss_sum)
@@ -277,7 +254,56 @@ def _start_processes(device: torch.device) -> Processes:
     return procs
 
 
-# --- results and records --------------------------------------------------------------------------------
+# --- state that survives a checkpoint ----------------------------------------------------------------
+
+
+@dataclass
+class TrainState:
+    """What a resumed run needs besides the weights and optimizer moments; saved in trainer.pt."""
+
+    step: int = 0
+    tokens: int = 0
+    # The steps a train.max_time budget was measured to allow (0 until fitted): where the cosine ends.
+    fitted_steps: int = 0
+    bad_steps: int = 0
+    # Time spent in steps, evaluation and checkpoints excluded.
+    train_seconds: float = 0.0
+    # (val_loss, step) of the best evaluation so far.
+    best: tuple[float, int] | None = None
+    world_size: int = 1
+    accumulation: int = 1
+    scaler: dict[str, Any] = field(default_factory=dict)
+    # Per rank: its Python, numpy, torch and CUDA RNG states and its data generator (the data cursor).
+    ranks: list[dict[str, Any]] = field(default_factory=list)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "step": self.step,
+            "tokens": self.tokens,
+            "schedule": {"fitted_steps": self.fitted_steps},
+            "bad_steps": self.bad_steps,
+            "train_seconds": self.train_seconds,
+            "best": list(self.best) if self.best is not None else None,
+            "world_size": self.world_size,
+            "accumulation": self.accumulation,
+            "scaler": self.scaler,
+            "ranks": self.ranks,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.step = int(state["step"])
+        self.tokens = int(state["tokens"])
+        self.fitted_steps = int(state["schedule"]["fitted_steps"])
+        self.bad_steps = int(state["bad_steps"])
+        self.train_seconds = float(state["train_seconds"])
+        self.best = (float(state["best"][0]), int(state["best"][1])) if state["best"] is not None else None
+        self.world_size = int(state["world_size"])
+        self.accumulation = int(state["accumulation"])
+        self.scaler = dict(state["scaler"] or {})
+        self.ranks = list(state["ranks"])
+
+
+# --- results ---------------------------------------------------------------------------------------------
 
 
 @dataclass
@@ -313,127 +339,6 @@ class _LoopEnd:
     step_seconds: float
 
 
-class _Records:
-    """metrics.jsonl and TensorBoard events (main process only)."""
-
-    def __init__(self, run_dir: Path, start_step: int, enabled: bool, reporter: Reporter) -> None:
-        self.path = run_dir / METRICS
-        self.enabled = enabled
-        self.handle = None
-        self.tensorboard = None
-        if not enabled:
-            return
-        self._drop_after(start_step)
-        self.handle = open(self.path, "a", encoding="utf-8")
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-        except ImportError:
-            return
-        try:
-            self.tensorboard = SummaryWriter(log_dir=str(run_dir / TENSORBOARD), purge_step=start_step + 1)
-        except Exception as exc:  # an optional extra must never stop training
-            reporter.warning(f"TensorBoard logging disabled: {exc}")
-
-    def _drop_after(self, step: int) -> None:
-        # Records a killed run wrote past its last checkpoint are replayed after resuming.
-        if not self.path.is_file():
-            return
-        lines = self.path.read_text(encoding="utf-8").splitlines()
-        kept = [line for line in lines if _record_step(line) <= step]
-        if len(kept) != len(lines):
-            atomic_write_text(self.path, "".join(line + "\n" for line in kept))
-
-    def write(self, record: dict[str, Any]) -> None:
-        if not self.enabled:
-            return
-        record = _finite(record)
-        self.handle.write(json.dumps(record) + "\n")
-        self.handle.flush()
-        if self.tensorboard is not None:
-            kind, step = record["kind"], record["step"]
-            for key, value in record.items():
-                if key not in ("kind", "step") and isinstance(value, (int, float)):
-                    self.tensorboard.add_scalar(f"{kind}/{key}", value, step)
-
-    def close(self) -> None:
-        if self.handle is not None:
-            self.handle.close()
-        if self.tensorboard is not None:
-            self.tensorboard.close()
-
-
-def _finite(record: dict[str, Any]) -> dict[str, Any]:
-    """NaN and infinity become null: JSON has no spelling for them."""
-    return {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in record.items()}
-
-
-def _record_step(line: str) -> float:
-    try:
-        return json.loads(line).get("step", 0)
-    except (ValueError, AttributeError):
-        return math.inf
-
-
-def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
-    path = Path(run_dir) / METRICS
-    if not path.is_file():
-        return []
-    records = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        with contextlib.suppress(ValueError):
-            records.append(json.loads(line))
-    return records
-
-
-def plot_losses(run_dir: Path) -> Path | None:
-    """RUN/loss.png from metrics.jsonl, when matplotlib is installed."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return None
-    records = read_metrics(run_dir)
-    train = [(r["step"], r["loss"]) for r in records if r.get("kind") == "train" and r.get("loss") is not None]
-    val = [(r["step"], r["val_loss"]) for r in records if r.get("kind") == "eval"]
-    if not train and not val:
-        return None
-    figure, axes = plt.subplots(figsize=(7, 4))
-    if train:
-        axes.plot(*zip(*train, strict=True), label="train loss")
-    if val:
-        axes.plot(*zip(*val, strict=True), marker="o", label="val loss")
-    axes.set_xlabel("step")
-    axes.set_ylabel("loss (nats/token)")
-    axes.set_title(Path(run_dir).name)
-    axes.grid(alpha=0.3)
-    axes.legend()
-    target = Path(run_dir) / LOSS_PLOT
-    tmp = target.with_name(f".{target.name}.tmp.png")
-    figure.savefig(tmp, dpi=100, bbox_inches="tight")
-    plt.close(figure)
-    os.replace(tmp, target)
-    return target
-
-
-def prune_checkpoints(run_dir: Path, keep_last: int) -> None:
-    """Delete all but the newest ``keep_last`` checkpoints and the best by val loss, and any torn ones."""
-    found = list_checkpoints(run_dir, verify=False)
-    complete = {path for _, path in found}
-    for path in (Path(run_dir) / "checkpoints").glob("step-*"):
-        if STEP_DIR.match(path.name) and path not in complete:
-            shutil.rmtree(path, ignore_errors=True)
-    keep = {path for _, path in found[-keep_last:]}
-    if (best := best_checkpoint(found)) is not None:
-        keep.add(best)
-    for _, path in found:
-        if path not in keep:
-            # Removing the manifest first makes a half-deleted folder read as torn, never as complete.
-            (path / MANIFEST).unlink(missing_ok=True)
-            shutil.rmtree(path, ignore_errors=True)
-
-
 # --- the loop -------------------------------------------------------------------------------------------
 
 
@@ -462,7 +367,7 @@ class _StopFlag:
         self.previous.clear()
 
 
-def train(config: Config, plan: Any, out: Path | None = None, resume: str = "auto",
+def train(config: Config, plan: Plan, out: Path | None = None, resume: str = "auto",
           reporter: Reporter = NullReporter()) -> TrainResult:
     """Train the model of ``config`` on its data folder into the run folder ``out`` (default runs/<name>).
 
@@ -471,202 +376,192 @@ def train(config: Config, plan: Any, out: Path | None = None, resume: str = "aut
     run's checkpoints) or the path of a checkpoint or run to continue from. Under torchrun each process
     calls this; only rank 0 reports, writes checkpoints and logs.
     """
-    device = plan.torch_device
-    procs = _start_processes(device)
+    procs = _start_processes(plan.torch_device)
+    deterministic = torch.are_deterministic_algorithms_enabled()
     try:
-        return _Trainer(config, plan, out, resume, reporter if procs.main else NullReporter(), procs).run()
+        if config.train.deterministic:
+            os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+            torch.use_deterministic_algorithms(True, warn_only=True)
+        return Trainer(config, plan, out, resume, reporter if procs.main else NullReporter(), procs).run()
     finally:
+        torch.use_deterministic_algorithms(deterministic)
         if procs.distributed and tdist.is_initialized():
             tdist.destroy_process_group()
 
 
-class _Trainer:
-    def __init__(self, config: Config, plan: Any, out: Path | None, resume: str, reporter: Reporter, procs: Processes) -> None:
+class Trainer:
+    """One process's training run: built whole from the run folder's checkpoint, then ``run``."""
+
+    def __init__(self, config: Config, plan: Plan, out: Path | None, resume: str, reporter: Reporter,
+                 procs: Processes) -> None:
         self.plan = plan
         self.reporter = reporter
         self.procs = procs
         self.device = plan.torch_device
-        self.data: DataFolder = open_data_folder(config)
+        self.data = DataFolder.open(config.data.dir)
         self.config = resolve_config(config, self.data)
-        self.run_dir = Path(out) if out is not None else default_run_dir(self.config)
-        self.resume = resume
-        self.train_cfg = self.config.train
-        self.max_time = parse_duration(self.train_cfg.max_time, "train.max_time") if self.train_cfg.max_time else None
+        self.train_cfg = tc = self.config.train
+        self.run_dir = RunDir(Path(out) if out is not None else default_run_dir(self.config))
+        self.max_time = parse_duration(tc.max_time, "train.max_time") if tc.max_time else None
+        T = self.config.model.context_length
+        self.accumulation = accumulation_steps(tc, T, procs.world_size)
+        self.tokens_per_step = self.accumulation * tc.micro_batch_size * T * procs.world_size
+        plan.apply()
+
+        self.loaded_from = self._prepare_run(resume)
+        check_compatible(self.loaded_from, self.config, self.data, self.run_dir.path)
+        self.model = self.loaded_from.model(self.device).train()
+        self.optimizer = make_optimizer(self.model, tc, self.device)
+        self.fused = bool(self.optimizer.param_groups[0].get("fused"))
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=bool(plan.grad_scaler))
+        self.generator = torch.Generator()
+        self.state = TrainState(world_size=procs.world_size, accumulation=self.accumulation)
+        if self.loaded_from.has_trainer_state:
+            self.load_state_dict(self.loaded_from.trainer_state())
+        else:
+            self._seed()
+        self.start_step = self.state.step
+
+        self.train_tokens, self.val_windows, self.val_bytes = self._open_data()
+        plan.prepare_model(self.model)
+        self.ddp: DistributedDataParallel | None = None
+        if procs.distributed:
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            self.ddp = DistributedDataParallel(self.model, device_ids=ids)
+        if plan.compile:
+            self.model.compile_blocks()
+        self.stepper = TrainStep(self.model, self.optimizer, self.scaler, plan, tc, self.accumulation,
+                                 step_model=self.ddp if self.ddp is not None else self.model, ddp=self.ddp,
+                                 world_size=procs.world_size)
+        # Started by ``run``: the loader's thread draws from the generator from then on.
+        self.loader: PrefetchLoader | None = None
 
     # -- setup
 
-    def _prepare_run(self) -> Path:
+    def _prepare_run(self, resume: str) -> Checkpoint:
         """Rank 0 readies the run folder; every rank then returns the checkpoint to start from."""
-        checkpoints = self.run_dir / "checkpoints"
+        run = self.run_dir
         if self.procs.main:
-            if self.resume == "never" and checkpoints.is_dir():
-                removed = len(list_checkpoints(self.run_dir, verify=False))
-                self.reporter.warning(f"--resume never: starting {self.run_dir} over ({removed} checkpoint(s) removed)")
-                for old in checkpoints.glob("step-*"):
-                    (old / MANIFEST).unlink(missing_ok=True)
-                    shutil.rmtree(old, ignore_errors=True)
-                for name in (METRICS, LOSS_PLOT, TENSORBOARD):
-                    target = self.run_dir / name
-                    shutil.rmtree(target) if target.is_dir() else target.unlink(missing_ok=True)
-            if checkpoints.is_dir():
-                # Temporary folders of a checkpoint that was being written when the process died.
-                for stale in checkpoints.glob(".step-*"):
-                    shutil.rmtree(stale, ignore_errors=True)
-            if self.resume in ("auto", "never") and not list_checkpoints(self.run_dir, verify=False):
-                build_run(self.config, self.run_dir, self.reporter, data=self.data)
-            save_config(self.config, self.run_dir / "config.yaml")
+            if resume == "never" and RunDir.is_run(run.path):
+                removed = run.start_over()
+                self.reporter.warning(f"--resume never: starting {run.path} over ({removed} checkpoint(s) removed)")
+            if RunDir.is_run(run.path):
+                run.remove_stale()
+            if resume in ("auto", "never") and not run.checkpoints(verify=False):
+                build_run(self.config, run.path, self.reporter, data=self.data)
+            run.save_config(self.config)
         self._barrier()
-        if self.resume in ("auto", "never"):
-            found = list_checkpoints(self.run_dir, self.reporter)
+        if resume in ("auto", "never"):
+            found = run.checkpoints(self.reporter)
             if not found:
-                raise HetlmError(f"run {self.run_dir} has no complete checkpoint to start from")
-            return found[-1][1]
-        return resolve_checkpoint(Path(self.resume), prefer="latest", reporter=self.reporter)
+                raise HetlmError(f"run {run.path} has no complete checkpoint to start from")
+            return found[-1]
+        return Checkpoint.read(resolve(Path(resume), prefer="latest", reporter=self.reporter), verify=False)
 
     def _barrier(self) -> None:
         if self.procs.distributed:
             tdist.barrier(group=self.procs.control)
 
-    def _load(self, checkpoint: Path) -> None:
-        check_compatible(checkpoint, self.config, self.data, self.run_dir)
-        self.model = Transformer(self.config.model)
-        load_weights(self.model, checkpoint / WEIGHTS)
-        self.model.to(self.device).train()
-        self.optimizer = make_optimizer(self.model, self.train_cfg, self.device)
-        self.fused = bool(self.optimizer.param_groups[0].get("fused"))
-        self.scaler = torch.amp.GradScaler(self.device.type, enabled=bool(self.plan.grad_scaler))
-        self.step, self.tokens, self.bad_total, self.train_seconds = 0, 0, 0, 0.0
-        self.fitted_steps = 0
-        self.best: tuple[float, int] | None = None
+    def _seed(self) -> None:
         seed = self.train_cfg.seed + self.procs.rank
-        data_state = None
-        if (checkpoint / TRAINER_STATE).is_file():
-            state = load_trainer_state(checkpoint)
-            saved_world = state.get("world_size", 1)
-            if saved_world != self.procs.world_size:
-                raise UsageError(
-                    f"{checkpoint} was trained by {saved_world} process(es) and this run has {self.procs.world_size}: "
-                    f"resume with the same number of processes (torchrun --nproc_per_node {saved_world}), "
-                    "or start a new run with --out"
-                )
-            self.optimizer.load_state_dict(state["optimizer"])
-            for group, decay in zip(self.optimizer.param_groups, (self.train_cfg.weight_decay, 0.0), strict=True):
-                # Hyperparameters come from this invocation's config, the moments from the checkpoint.
-                group.update(betas=(self.train_cfg.beta1, self.train_cfg.beta2), weight_decay=decay,
-                             fused=self.fused or None, foreach=None if self.fused else True)
-            if state.get("scaler") and self.scaler.is_enabled():
-                self.scaler.load_state_dict(state["scaler"])
-            self.step, self.tokens = int(state["step"]), int(state["tokens"])
-            self.fitted_steps = int(state.get("schedule", {}).get("fitted_steps", 0))
-            self.bad_total = int(state.get("bad_steps", 0))
-            self.train_seconds = float(state.get("train_seconds", 0.0))
-            if state.get("best") is not None:
-                self.best = (float(state["best"][0]), int(state["best"][1]))
-            data_state = restore_rng_states(state["ranks"][self.procs.rank])
-        else:
-            random.seed(seed)
-            np.random.seed(seed)
-            torch.manual_seed(seed)
-        self.generator = torch.Generator()
-        if data_state is not None:
-            self.generator.set_state(data_state)
-        else:
-            # Each rank draws its own stream; the offset keeps it apart from the weight-init seed.
-            self.generator.manual_seed(self.train_cfg.seed * 1_000_003 + 7919 * (self.procs.rank + 1))
-        self.start_step = self.step
-        self.loaded_from = checkpoint
+        random.seed(seed)
+        np.random.seed(seed)
+        torch.manual_seed(seed)
+        # Each rank draws its own stream; the offset keeps it apart from the weight-init seed.
+        self.generator.manual_seed(self.train_cfg.seed * 1_000_003 + 7919 * (self.procs.rank + 1))
 
-    def _prepare_data(self) -> None:
-        T = self.config.model.context_length
-        self.train_tokens = _open_split(self.data.path, "train")
-        if len(self.train_tokens) < T + 1:
+    def state_dict(self) -> dict[str, Any]:
+        """trainer.pt: the optimizer's state and the TrainState; call on every rank (it gathers their RNG states)."""
+        ranks = capture_rng_states(self.loader.state() if self.loader is not None else self.generator.get_state())
+        if self.procs.distributed:
+            gathered: list[Any] = [None] * self.procs.world_size
+            tdist.all_gather_object(gathered, ranks, group=self.procs.control)
+        else:
+            gathered = [ranks]
+        self.state.ranks = gathered
+        self.state.scaler = self.scaler.state_dict()
+        return {"format": STATE_FORMAT, **self.state.state_dict(), "optimizer": self.optimizer.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        saved_world = state.get("world_size", 1)
+        if saved_world != self.procs.world_size:
             raise UsageError(
-                f"the training split of {self.data.path} has {len(self.train_tokens)} tokens, "
+                f"{self.loaded_from.path} was trained by {saved_world} process(es) and this run has "
+                f"{self.procs.world_size}: resume with the same number of processes (torchrun --nproc_per_node "
+                f"{saved_world}), or start a new run with --out"
+            )
+        self.optimizer.load_state_dict(state["optimizer"])
+        for group, decay in zip(self.optimizer.param_groups, (self.train_cfg.weight_decay, 0.0), strict=True):
+            # Hyperparameters come from this invocation's config, the moments from the checkpoint.
+            group.update(betas=(self.train_cfg.beta1, self.train_cfg.beta2), weight_decay=decay,
+                         fused=self.fused or None, foreach=None if self.fused else True)
+        self.state.load_state_dict(state)
+        # The accumulation count is this invocation's: the global batch may be changed between runs.
+        self.state.accumulation = self.accumulation
+        if self.state.scaler and self.scaler.is_enabled():
+            self.scaler.load_state_dict(self.state.scaler)
+        self.generator.set_state(restore_rng_states(self.state.ranks[self.procs.rank]))
+
+    def _open_data(self) -> tuple[np.ndarray, torch.Tensor | None, int]:
+        """The train split, the fixed validation windows (on the device) and the UTF-8 bytes of their targets."""
+        T = self.config.model.context_length
+        train_tokens = self.data.split("train")
+        if len(train_tokens) < T + 1:
+            raise UsageError(
+                f"the training split of {self.data.path} has {len(train_tokens)} tokens, "
                 f"fewer than model.context_length + 1 = {T + 1}"
             )
-        val_tokens = self.data.manifest.get("splits", {}).get("val", {}).get("tokens", 0)
-        self.val_windows = None
-        if val_tokens >= T + 1:
-            val = _open_split(self.data.path, "val")
-            starts = fixed_starts(len(val), T + 1, self.train_cfg.eval_windows)
-            self.val_windows = gather_windows(val, starts, T + 1).to(self.device)
-        else:
+        val_tokens = self.data.split_tokens("val")
+        if val_tokens < T + 1:
             self.reporter.warning(f"the validation split has {val_tokens} tokens, fewer than a window of {T + 1}: no evaluation")
-        self.bytes_per_token = self.data.bytes_per_token("val")
+            return train_tokens, None, 0
+        val = self.data.split("val")
+        windows = gather_windows(val, fixed_starts(len(val), T + 1, self.train_cfg.eval_windows), T + 1)
+        lengths = token_byte_lengths(Tokenizer.load(self.data.tokenizer_path))
+        return train_tokens, windows.to(self.device), count_bytes(windows[:, 1:].numpy().ravel(), lengths)
 
     # -- the run
 
     def run(self) -> TrainResult:
-        self.plan.apply()
-        checkpoint = self._prepare_run()
-        self._load(checkpoint)
-        deterministic = torch.are_deterministic_algorithms_enabled()
-        if self.train_cfg.deterministic:
-            os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-            torch.use_deterministic_algorithms(True, warn_only=True)
-        try:
-            return self._run()
-        finally:
-            torch.use_deterministic_algorithms(deterministic)
-
-    def _run(self) -> TrainResult:
-        tc, procs = self.train_cfg, self.procs
+        tc, procs, state = self.train_cfg, self.procs, self.state
         started = time.monotonic()
         T = self.config.model.context_length
-        self.accum = accumulation_steps(tc, T, procs.world_size)
-        self.tokens_per_step = self.accum * tc.micro_batch_size * T * procs.world_size
         if tc.global_batch_tokens and self.tokens_per_step != tc.global_batch_tokens:
             self.reporter.warning(
                 f"train.global_batch_tokens={tc.global_batch_tokens} is not a multiple of micro_batch_size x context x "
                 f"processes ({tc.micro_batch_size * T * procs.world_size}); using {self.tokens_per_step} tokens per step"
             )
-        if self.step >= tc.max_steps:
+        if state.step >= tc.max_steps:
             self.reporter.info(
-                f"{self.loaded_from} is at step {self.step}, already at train.max_steps={tc.max_steps}: "
+                f"{self.loaded_from.path} is at step {state.step}, already at train.max_steps={tc.max_steps}: "
                 "nothing to train (raise --max-steps to continue)"
             )
-            return self._result("done", 0, started, 0.0, None, self.loaded_from)
-        self._prepare_data()
+            return self._result("done", 0, started, 0.0, None, self.loaded_from.path)
         if not self.plan.fits:
             reason = next((d.reason for d in self.plan.decisions if d.stage == "memory"), "")
             self.reporter.warning(f"the plan says this may not fit in memory: {reason}")
 
-        self.plan.prepare_model(self.model)
-        model: torch.nn.Module = self.model
-        self.ddp = None
-        if procs.distributed:
-            from torch.nn.parallel import DistributedDataParallel
-
-            ids = [self.device.index] if self.device.type == "cuda" else None
-            self.ddp = model = DistributedDataParallel(model, device_ids=ids)
-        if self.plan.compile:
-            self.model.compile_blocks()
-        self.stepper = TrainStep(self.model, self.optimizer, self.scaler, self.plan, tc, self.accum,
-                                 step_model=model, ddp=self.ddp, world_size=procs.world_size)
-        self.stepper.fitted_steps = self.fitted_steps
-
-        records = _Records(self.run_dir, self.start_step, procs.main, self.reporter)
+        records = MetricsLog(self.run_dir, self.start_step, procs.main, self.reporter)
         stop = _StopFlag()
         stop.install()
-        loader = PrefetchLoader(
+        self.loader = PrefetchLoader(
             self.train_tokens, tc.micro_batch_size, T + 1, self.generator, prefetch=self.plan.prefetch,
             device=self.device, pin_memory=self.plan.pin_memory, non_blocking=self.plan.non_blocking,
         )
-        self.loader = loader
         self.reporter.info(
-            f"training {self.run_dir} from step {self.step} ({self.loaded_from.name}) to {tc.max_steps}: "
-            f"{self.tokens_per_step:,} tokens per step ({self.accum} x {tc.micro_batch_size} x {T}"
+            f"training {self.run_dir.path} from step {state.step} ({self.loaded_from.path.name}) to {tc.max_steps}: "
+            f"{self.tokens_per_step:,} tokens per step ({self.accumulation} x {tc.micro_batch_size} x {T}"
             + (f" x {procs.world_size} processes" if procs.distributed else "")
             + f"), AdamW {'fused' if self.fused else 'foreach'}, {self.plan.dtype} on {self.device}"
             + (", compiled" if self.plan.compile else "")
         )
         self.reporter.start("train", total=tc.max_steps)
-        self.reporter.advance("train", self.step)
+        self.reporter.advance("train", state.step)
         try:
             end = self._loop(records, stop, started)
         finally:
             stop.restore()
-            loader.close()
+            self.loader.close()
             records.close()
             self.reporter.finish("train")
         outputs = {"metrics": records.path}
@@ -675,7 +570,7 @@ class _Trainer:
             if plot is not None:
                 outputs["loss_plot"] = plot
             if records.tensorboard is not None:
-                outputs["tensorboard"] = self.run_dir / TENSORBOARD
+                outputs["tensorboard"] = self.run_dir.tensorboard_path
         result = self._result(end.stopped_by, EXIT_CODES.get(end.stopped_by, 0), started, end.step_seconds, end.last_eval,
                               end.checkpoint, end.train_loss)
         result.outputs = outputs
@@ -683,68 +578,69 @@ class _Trainer:
 
     def _result(self, stopped_by: str, code: int, started: float, step_seconds: float, last_eval: dict | None,
                 checkpoint: Path | None, train_loss: float | None = None) -> TrainResult:
-        trained = (self.step - self.start_step) * getattr(self, "tokens_per_step", 0)
+        state = self.state
+        trained = (state.step - self.start_step) * self.tokens_per_step
         return TrainResult(
-            run_dir=self.run_dir, rank=self.procs.rank, world_size=self.procs.world_size, start_step=self.start_step,
-            step=self.step, max_steps=self.train_cfg.max_steps, tokens=self.tokens, elapsed_s=time.monotonic() - started,
-            tokens_per_s=trained / step_seconds if step_seconds > 0 else 0.0, stopped_by=stopped_by, exit_code=code,
-            bad_steps=self.bad_total, train_loss=train_loss, eval=last_eval,
-            best_step=self.best[1] if self.best else None, best_val_loss=self.best[0] if self.best else None,
+            run_dir=self.run_dir.path, rank=self.procs.rank, world_size=self.procs.world_size, start_step=self.start_step,
+            step=state.step, max_steps=self.train_cfg.max_steps, tokens=state.tokens,
+            elapsed_s=time.monotonic() - started, tokens_per_s=trained / step_seconds if step_seconds > 0 else 0.0,
+            stopped_by=stopped_by, exit_code=code, bad_steps=state.bad_steps, train_loss=train_loss, eval=last_eval,
+            best_step=state.best[1] if state.best else None, best_val_loss=state.best[0] if state.best else None,
             checkpoint=checkpoint,
         )
 
-    def _loop(self, records: _Records, stop: _StopFlag, started: float) -> _LoopEnd:
-        tc, procs = self.train_cfg, self.procs
+    def _loop(self, records: MetricsLog, stop: _StopFlag, started: float) -> _LoopEnd:
+        tc, procs, state = self.train_cfg, self.procs, self.state
         fpt = flops_per_token(self.config.model)
         interval_start, interval_steps, step_seconds = time.monotonic(), 0, 0.0
-        last_log_step = self.step
+        last_log_step = state.step
         last_eval: dict | None = None
         train_loss: float | None = None
         checkpoint: Path | None = None
         evaluated_at = checkpointed_at = -1
-        fitting = self.max_time is not None and not tc.decay_steps and not self.fitted_steps
+        fitting = self.max_time is not None and not tc.decay_steps and not state.fitted_steps
         fit_from: tuple[int, float] | None = None
         while True:
-            self.stepper(self.step, self.loader)
-            self.step += 1
+            self.stepper(learning_rate_at(state.step, tc, state.fitted_steps), self.loader)
+            state.step += 1
             if fitting:
                 fit_from, fitting = self._fit_schedule(fit_from, started)
-            self.tokens += self.tokens_per_step
+            state.tokens += self.tokens_per_step
             interval_steps += 1
             stopped_by = self._should_stop(stop, started)
             final = stopped_by is not None
-            if self.step % tc.log_every == 0 or final:
+            if state.step % tc.log_every == 0 or final:
                 now = time.monotonic()
                 seconds = now - interval_start
                 step_seconds += seconds
-                self.train_seconds += seconds
+                state.train_seconds += seconds
                 train_loss = self._sync_counters()
-                rate = (self.step - last_log_step) * self.tokens_per_step / seconds if seconds > 0 else 0.0
+                rate = (state.step - last_log_step) * self.tokens_per_step / seconds if seconds > 0 else 0.0
                 record = {
-                    "kind": "train", "step": self.step, "loss": train_loss,
-                    "lr": learning_rate_at(self.step - 1, tc, self.fitted_steps), "tokens": self.tokens,
-                    "tok_per_s": rate, "bad_steps": self.bad_total,
+                    "kind": "train", "step": state.step, "loss": train_loss,
+                    "lr": learning_rate_at(state.step - 1, tc, state.fitted_steps), "tokens": state.tokens,
+                    "tok_per_s": rate, "bad_steps": state.bad_steps,
                     "elapsed_s": now - started, "eta_s": self._eta(seconds / max(1, interval_steps), started),
                 }
                 if self.plan.peak_flops:
                     record["mfu"] = rate / procs.world_size * fpt / self.plan.peak_flops
                 records.write(record)
                 self.reporter.metrics("train", record)
-                self.reporter.advance("train", self.step - last_log_step)
-                last_log_step, interval_steps, interval_start = self.step, 0, now
+                self.reporter.advance("train", state.step - last_log_step)
+                last_log_step, interval_steps, interval_start = state.step, 0, now
             paused = time.monotonic()
-            want_checkpoint = self.step % tc.checkpoint_every == 0 or final
-            want_eval = self.step % tc.eval_every == 0 or want_checkpoint
-            if procs.main and self.val_windows is not None and want_eval and evaluated_at != self.step:
+            want_checkpoint = state.step % tc.checkpoint_every == 0 or final
+            want_eval = state.step % tc.eval_every == 0 or want_checkpoint
+            if procs.main and self.val_windows is not None and want_eval and evaluated_at != state.step:
                 last_eval = self._evaluate()
-                evaluated_at = self.step
+                evaluated_at = state.step
                 records.write(last_eval)
                 self.reporter.metrics("eval", last_eval)
-            if want_checkpoint and checkpointed_at != self.step:
-                if self.step % tc.log_every:
+            if want_checkpoint and checkpointed_at != state.step:
+                if state.step % tc.log_every:
                     self._sync_counters(keep=True)
-                checkpoint = self._save(last_eval if evaluated_at == self.step else None)
-                checkpointed_at = self.step
+                checkpoint = self._save(last_eval if evaluated_at == state.step else None)
+                checkpointed_at = state.step
             # Evaluation and checkpoint time stays out of tokens per second.
             interval_start += time.monotonic() - paused
             if final:
@@ -757,12 +653,12 @@ class _Trainer:
         allocator warm-up) are not timed. The fitted length is saved in trainer.pt, so a resumed run
         follows the same schedule; every process takes rank 0's figure.
         """
-        done = self.step - self.start_step
+        done = self.state.step - self.start_step
         if done < FIT_SKIP:
             return None, True
         if fit_from is None:
             _wait(self.device)
-            return (self.step, time.monotonic()), True
+            return (self.state.step, time.monotonic()), True
         if done < FIT_SKIP + FIT_MIN_STEPS:
             return fit_from, True
         ready = time.monotonic() - fit_from[1] >= max(FIT_MIN_SECONDS, FIT_FRACTION * self.max_time)
@@ -775,27 +671,27 @@ class _Trainer:
             return fit_from, True
         _wait(self.device)
         now = time.monotonic()
-        per_step = (now - fit_from[1]) / (self.step - fit_from[0])
+        per_step = (now - fit_from[1]) / (self.state.step - fit_from[0])
         # Early steps run a little slower than later ones (measured ~10% on tiny Shakespeare), which offsets
         # the budget that the final evaluation and checkpoint take: no margin is applied.
         left = self.max_time - (now - started)
-        fitted = torch.tensor(fit_decay_steps(self.step, per_step, left, self.train_cfg))
+        fitted = torch.tensor(fit_decay_steps(self.state.step, per_step, left, self.train_cfg))
         if self.procs.distributed:
             tdist.broadcast(fitted, src=0, group=self.procs.control)
-        self.fitted_steps = self.stepper.fitted_steps = int(fitted)
+        self.state.fitted_steps = int(fitted)
         self.reporter.info(
             f"train.max_time: {per_step * 1000:.0f} ms per step, so the learning rate decays to train.min_lr "
-            f"by step {self.fitted_steps}"
+            f"by step {self.state.fitted_steps}"
         )
         return None, False
 
     def _sync_counters(self, keep: bool = False) -> float | None:
         """Read the step counters (one host sync); raise when too many bad steps came in a row."""
         loss, new, worst = self.stepper.read(reset=not keep)
-        self.bad_total += new
+        self.state.bad_steps += new
         if worst >= self.train_cfg.max_bad_steps:
             raise HetlmError(
-                f"{worst} steps in a row with a non-finite loss or gradient by step {self.step} (train.max_bad_steps="
+                f"{worst} steps in a row with a non-finite loss or gradient by step {self.state.step} (train.max_bad_steps="
                 f"{self.train_cfg.max_bad_steps}): training diverged; lower train.learning_rate or raise "
                 "train.warmup_steps, then resume from the last checkpoint"
             )
@@ -813,53 +709,34 @@ class _Trainer:
         for reason, flag in zip(reasons, flags, strict=True):
             if flag:
                 return reason
-        return "max_steps" if self.step >= self.train_cfg.max_steps else None
+        return "max_steps" if self.state.step >= self.train_cfg.max_steps else None
 
     def _eta(self, seconds_per_step: float, started: float) -> float:
-        eta = (self.train_cfg.max_steps - self.step) * seconds_per_step
+        eta = (self.train_cfg.max_steps - self.state.step) * seconds_per_step
         if self.max_time is not None:
             eta = min(eta, max(0.0, self.max_time - (time.monotonic() - started)))
         return eta
 
     def _evaluate(self) -> dict[str, Any]:
-        loss = evaluate(self.model, self.val_windows, self.plan.autocast, self.train_cfg.micro_batch_size)
-        record = eval_record(self.step, loss, self.bytes_per_token)
-        if math.isfinite(loss) and (self.best is None or loss < self.best[0]):
-            self.best = (loss, self.step)
+        loss = mean_loss(self.model, self.val_windows, self.plan.autocast, self.train_cfg.micro_batch_size)
+        step = self.state.step
+        record = eval_record(step, loss, self.val_windows[:, 1:].numel(), self.val_bytes)
+        if math.isfinite(loss) and (self.state.best is None or loss < self.state.best[0]):
+            self.state.best = (loss, step)
         return record
 
     def _save(self, last_eval: dict | None) -> Path | None:
-        ranks = capture_rng_states(self.loader.state())
-        if self.procs.distributed:
-            gathered: list[Any] = [None] * self.procs.world_size
-            tdist.all_gather_object(gathered, ranks, group=self.procs.control)
-        else:
-            gathered = [ranks]
+        state = self.state_dict()
         if not self.procs.main:
             return None
-        state = {
-            "format": STATE_FORMAT,
-            "step": self.step,
-            "tokens": self.tokens,
-            "world_size": self.procs.world_size,
-            "accumulation": self.accum,
-            "optimizer": self.optimizer.state_dict(),
-            "scaler": self.scaler.state_dict(),
-            # The learning rate is learning_rate_at(step, config, fitted_steps): only fitted_steps is state.
-            "schedule": {"kind": "warmup-cosine", **{k: getattr(self.train_cfg, k) for k in (
-                "learning_rate", "min_lr", "warmup_steps", "decay_steps", "max_steps")}, "fitted_steps": self.fitted_steps},
-            "bad_steps": self.bad_total,
-            "train_seconds": self.train_seconds,
-            "best": list(self.best) if self.best else None,
-            "ranks": gathered,
-        }
-        info: dict[str, Any] = {"step": self.step, "tokens": self.tokens}
+        info: dict[str, Any] = {"step": self.state.step, "tokens": self.state.tokens}
         if last_eval is not None:
-            info.update({k: v for k, v in _finite(last_eval).items() if k.startswith("val_")})
-        path = self.run_dir / "checkpoints" / step_dir_name(self.step)
-        save_checkpoint(path, self.model, self.config, self.data.tokenizer_path, state, info)
-        prune_checkpoints(self.run_dir, self.train_cfg.keep_last)
-        return path
+            info.update({k: v for k, v in finite(last_eval).items() if k.startswith("val_")})
+        checkpoint = Checkpoint.write(self.run_dir.checkpoint_path(self.state.step), self.model, self.config,
+                                      self.data.tokenizer_path, state, info)
+        self.run_dir.prune(self.train_cfg.keep_last)
+        return checkpoint.path
+
 
 
 def _wait(device: torch.device) -> None:
@@ -868,10 +745,3 @@ def _wait(device: torch.device) -> None:
         torch.cuda.synchronize(device)
     elif device.type == "mps":
         torch.mps.synchronize()
-
-
-def _open_split(path: Path, split: str) -> np.ndarray:
-    from hetlm.preprocess import open_split
-
-    return open_split(path, split)
-

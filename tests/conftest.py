@@ -59,11 +59,10 @@ def tiny_data(tmp_path_factory):
 def tiny_checkpoint(tiny_data, tmp_path_factory):
     """A run folder with one checkpoint of a tiny model (2 layers, d_model 64, context 64) on tiny_data's tokenizer,
     trained for 60 steps so its samples are not pure noise."""
-    from hetlm.checkpoint import save_checkpoint, step_dir_name
     from hetlm.config import load_config
     from hetlm.data import sample_windows
     from hetlm.model import Transformer
-    from hetlm.preprocess import open_split
+    from hetlm.store import Checkpoint, RunDir, open_split
 
     config = load_config(overrides=[
         f"data.dir={tiny_data}", "data.vocab_size=512", "model.vocab_size=512", "model.n_layers=2", "model.d_model=64",
@@ -86,15 +85,15 @@ def tiny_checkpoint(tiny_data, tmp_path_factory):
         val = sample_windows(open_split(tiny_data, "val"), 16, config.model.context_length + 1, generator)
         val_loss = float(model(val[:, :-1], val[:, 1:])[1])
     run = tmp_path_factory.mktemp("tiny-run") / "run"
-    save_checkpoint(run / "checkpoints" / step_dir_name(steps), model, config, tiny_data / "tokenizer.model",
-                    info={"step": steps, "val_loss": val_loss})
+    Checkpoint.write(RunDir(run).checkpoint_path(steps), model, config, tiny_data / "tokenizer.model",
+                     info={"step": steps, "val_loss": val_loss})
     return run
 
 
 @pytest.fixture(scope="module")
 def loaded(tiny_checkpoint):
     """The tiny checkpoint's model, loaded once per test module."""
-    from hetlm.checkpoint import load_checkpoint
+    from hetlm.store import load_checkpoint
 
     return load_checkpoint(tiny_checkpoint)
 

@@ -10,10 +10,10 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from hetlm.checkpoint import load_checkpoint, resolve_checkpoint
-from hetlm.deploy import BUNDLE_MANIFEST, deploy, render_chat
+from hetlm.deploy import deploy, render_chat
 from hetlm.errors import UsageError
 from hetlm.io import sha256_file
+from hetlm.store import BUNDLE_MANIFEST, load_checkpoint, resolve
 from hetlm.tokenizer import Tokenizer
 
 TEXTS = [
@@ -82,7 +82,7 @@ def test_bundle_files_and_manifest(bundle, tiny_checkpoint):
     assert set(meta["files"]) == names - {BUNDLE_MANIFEST}
     assert all(sha256_file(bundle / name) == digest for name, digest in meta["files"].items())
     assert meta["kind"] == "bundle" and meta["dtype"] == "fp32"
-    assert meta["source"]["checkpoint"] == str(resolve_checkpoint(tiny_checkpoint).resolve())
+    assert meta["source"]["checkpoint"] == str(resolve(tiny_checkpoint).resolve())
     with safe_open(str(bundle / "model.safetensors"), "pt") as weights:
         assert weights.metadata()["format"] == "pt"
         assert "lm_head.weight" not in weights.keys()

@@ -12,7 +12,7 @@ import pytest
 import torch
 import yaml
 
-from hetlm.checkpoint import list_checkpoints, load_trainer_state
+from hetlm.store import RunDir
 
 CONFIG = {
     "model": {"n_layers": 1, "d_model": 32, "n_heads": 2, "context_length": 32},
@@ -80,7 +80,7 @@ def test_two_gloo_processes_follow_the_single_process_curve(cli, tiny_data, tmp_
     for a, b in zip([r for r in ddp_eval if r["step"] != 15], single_eval, strict=True):
         assert a["val_loss"] == pytest.approx(b["val_loss"], abs=0.1), (a, b)
 
-    state = load_trainer_state(list_checkpoints(ddp)[-1][1])
+    state = RunDir(ddp).checkpoints()[-1].trainer_state()
     assert state["world_size"] == 2 and len(state["ranks"]) == 2
     assert not torch.equal(state["ranks"][0]["data"], state["ranks"][1]["data"])
 

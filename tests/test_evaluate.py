@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 from hetlm.errors import UsageError
 from hetlm.evaluate import count_bytes, evaluate, text_tokens, token_byte_lengths, windows
-from hetlm.preprocess import load_data_manifest, open_split
+from hetlm.store import open_split, read_data_manifest
 
 TEXT = "def naïve(x):\n    return '中文字符' + \"😀🎉\"  # ✓\n" * 20
 
@@ -61,7 +61,7 @@ def test_byte_counts_are_exact(tokenizer, tiny_data):
     assert lengths[tokenizer.bos_id] == lengths[tokenizer.eos_id] == 0
     # The whole split: what preprocessing counted from the raw documents.
     val = open_split(tiny_data, "val")
-    assert count_bytes(val, lengths, chunk=1000) == load_data_manifest(tiny_data)["splits"]["val"]["bytes"]
+    assert count_bytes(val, lengths, chunk=1000) == read_data_manifest(tiny_data)["splits"]["val"]["bytes"]
 
 
 def test_max_tokens_scores_that_many(loaded, tokenizer, tiny_data):

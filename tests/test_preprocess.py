@@ -18,13 +18,12 @@ from hetlm.preprocess import (
     corpus_name,
     discover,
     dtype_for,
-    load_data_manifest,
-    open_split,
     preprocess,
     stdlib_root,
     tail_split,
 )
 from hetlm.reporting import Reporter
+from hetlm.store import open_split, read_data_manifest
 from hetlm.tokenizer import Tokenizer
 
 WORDS = ("alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu nu xi omicron pi rho sigma tau "
@@ -77,7 +76,7 @@ def test_outputs_are_lossless_disjoint_and_described(tmp_path):
     assert sorted(train + val) == sorted(docs)
     assert val and not set(train) & set(val)
 
-    manifest = load_data_manifest(out)
+    manifest = read_data_manifest(out)
     assert manifest["format_version"] == 1 and manifest["dtype"] == "uint16"
     assert manifest["split"]["method"] == "hash"
     assert manifest["splits"]["val"]["documents"] == len(val)
@@ -119,7 +118,7 @@ def test_few_documents_split_by_their_tail(tmp_path):
     text = "".join(make_docs(20, seed=3))
     (tmp_path / "book.txt").write_text(text, encoding="utf-8")
     out = preprocess(config(), [str(tmp_path / "book.txt")], tmp_path / "out", workers=1).out
-    manifest = load_data_manifest(out)
+    manifest = read_data_manifest(out)
     assert manifest["split"]["method"] == "tail"
     (head,), (tail,) = documents_of(out, "train"), documents_of(out, "val")
     assert head + tail == text
@@ -201,7 +200,7 @@ def test_rerun_does_nothing_and_force_redoes(tmp_path, cli):
 
     changed = cli(*args[:-4], "--val-fraction", "0.2", "--workers", "1")
     assert changed.code == 0 and "rebuilding" in changed.err
-    assert load_data_manifest(out)["split"]["val_fraction"] == 0.2
+    assert read_data_manifest(out)["split"]["val_fraction"] == 0.2
 
 
 def test_cli_takes_config_and_set(tmp_path, cli):
@@ -211,7 +210,7 @@ def test_cli_takes_config_and_set(tmp_path, cli):
     result = cli("preprocess", corpus, "--config", config_file, "--set", "data.tokenizer=unigram", "--set",
                  f"data.dir={tmp_path / 'by-config'}", "--vocab-size", "360", "-j", "1")
     assert result.code == 0, result.err
-    manifest = load_data_manifest(tmp_path / "by-config")
+    manifest = read_data_manifest(tmp_path / "by-config")
     assert manifest["tokenizer"]["type"] == "unigram" and manifest["tokenizer"]["vocab_size"] == 360
     assert manifest["split"]["val_fraction"] == 0.2
 
@@ -331,12 +330,12 @@ def test_builtin_corpus_is_the_stdlib_without_tests():
 
 
 def test_reading_a_data_folder(tmp_path, tiny_data):
-    with pytest.raises(UsageError, match="data folder not found"):
-        load_data_manifest(tmp_path / "missing")
+    with pytest.raises(UsageError, match="data folder .* not found"):
+        read_data_manifest(tmp_path / "missing")
     (tmp_path / "unfinished").mkdir()
     with pytest.raises(UsageError, match="has no manifest.json"):
-        load_data_manifest(tmp_path / "unfinished")
-    manifest = load_data_manifest(tiny_data)
+        read_data_manifest(tmp_path / "unfinished")
+    manifest = read_data_manifest(tiny_data)
     assert manifest["tokenizer"]["vocab_size"] == 512
     val = open_split(tiny_data, "val")
     assert val.dtype == np.uint16 and len(val) == manifest["splits"]["val"]["tokens"] > 1000

@@ -5,7 +5,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from hetlm.checkpoint import load_checkpoint
 from hetlm.config import Config, ModelConfig, SampleConfig
 from hetlm.errors import UsageError
 from hetlm.model import KVCache, Transformer
@@ -21,6 +20,7 @@ from hetlm.sampling import (
     make_generator,
     sample_next,
 )
+from hetlm.store import load_checkpoint
 
 MIXED = "def naïve(x):\n    return '中文字符' + \"😀🎉\"  # ok ✓\n"
 

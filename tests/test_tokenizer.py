@@ -6,7 +6,7 @@ import pytest
 
 from hetlm.errors import UsageError
 from hetlm.preprocess import stdlib_root
-from hetlm.tokenizer import Tokenizer, train_tokenizer, training_sentences
+from hetlm.tokenizer import Tokenizer, encode_batch, train_tokenizer, training_sentences
 
 ADVERSARIAL = [
     "def f(x):\n    if x:\n        return 1\n\treturn 2\n",
@@ -67,7 +67,7 @@ def test_specials_and_ids(tokenizer):
     assert ids and ids[0] != tokenizer.bos_id and ids[-1] != tokenizer.eos_id
     # Special-token text in the input is plain text, never a control id.
     assert not {1, 2, 3} & set(tokenizer.encode("<s>x</s><pad>"))
-    assert tokenizer.encode_batch(["a b", "c"]) == [tokenizer.encode("a b"), tokenizer.encode("c")]
+    assert encode_batch(tokenizer.processor, ["a b", "c"], num_threads=2) == [tokenizer.encode("a b"), tokenizer.encode("c")]
 
 
 def test_training_is_byte_identical(corpus, tokenizer):

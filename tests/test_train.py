@@ -18,10 +18,10 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from hetlm.checkpoint import list_checkpoints, load_checkpoint, load_trainer_state, read_manifest
 from hetlm.config import load_config
 from hetlm.model import flops_per_token, parameter_counts
-from hetlm.train import fit_decay_steps, learning_rate_at
+from hetlm.store import Checkpoint, RunDir, load_checkpoint
+from hetlm.train import TrainState, fit_decay_steps, learning_rate_at
 
 TINY = {
     "model": {"n_layers": 1, "d_model": 32, "n_heads": 2, "context_length": 32},
@@ -41,6 +41,10 @@ def write_config(tmp_path: Path, data: Path, name: str = "tiny", **sections: dic
     path = tmp_path / f"{name}.yaml"
     path.write_text(yaml.safe_dump(config))
     return path
+
+
+def steps_of(run: Path) -> list[int]:
+    return [checkpoint.step for checkpoint in RunDir(run).checkpoints()]
 
 
 def metrics(run: Path, kind: str) -> list[dict]:
@@ -104,6 +108,19 @@ def test_a_fitted_length_ends_the_decay_unless_decay_steps_is_set():
     assert fit_decay_steps(50, 10.0, 1.0, train) == 51
 
 
+def test_train_state_saves_and_loads_symmetrically(tmp_path):
+    state = TrainState(step=7, tokens=896, fitted_steps=40, bad_steps=2, train_seconds=1.5, best=(2.5, 6), world_size=2,
+                       accumulation=3, scaler={"scale": 1024.0}, ranks=[{"data": torch.arange(4)}, {"data": torch.ones(2)}])
+    torch.save(state.state_dict(), tmp_path / "state.pt")
+    loaded = TrainState()
+    loaded.load_state_dict(torch.load(tmp_path / "state.pt", weights_only=True))
+    assert loaded.state_dict().keys() == state.state_dict().keys()
+    for field in ("step", "tokens", "fitted_steps", "bad_steps", "train_seconds", "best", "world_size", "accumulation",
+                  "scaler"):
+        assert getattr(loaded, field) == getattr(state, field), field
+    assert all(torch.equal(a["data"], b["data"]) for a, b in zip(loaded.ranks, state.ranks, strict=True))
+
+
 # --- build ---------------------------------------------------------------------------------------------
 
 
@@ -118,10 +135,10 @@ def test_build_reports_sizes_and_writes_the_run(cli, tiny_data, tmp_path):
         assert f"{figure:,}" in result.out
     assert "Plan: train on cpu" in result.out and "dtype" in result.out
     assert (run / "config.yaml").is_file()
-    assert [step for step, _ in list_checkpoints(run)] == [0]
+    assert steps_of(run) == [0]
     loaded = load_checkpoint(run)
     assert loaded.model.config.vocab_size == 512
-    assert read_manifest(loaded.path)["step"] == 0
+    assert Checkpoint.read(loaded.path).manifest["step"] == 0
     # The same seed builds the same weights: a rebuild elsewhere is byte-identical.
     assert cli("build", "--config", config, "--out", tmp_path / "again").code == 0
     weights = "checkpoints/step-000000/model.safetensors"
@@ -197,15 +214,15 @@ def test_training_lowers_the_loss_and_writes_a_resumable_run(cli, tiny_data, tmp
     assert all(r["tok_per_s"] > 0 and 0 < r["mfu"] < 1 and r["tokens"] == r["step"] * 128 for r in train)
     assert (run / "loss.png").stat().st_size > 1000
     # Kept: the last two and the best by val loss (here the newest is also the best).
-    steps = [step for step, _ in list_checkpoints(run)]
+    steps = steps_of(run)
     assert steps == [30, 40]
     newest = run / "checkpoints" / "step-000040"
-    manifest = read_manifest(newest)
+    manifest = Checkpoint.read(newest).manifest
     assert manifest["step"] == 40 and manifest["val_loss"] == pytest.approx(evals[-1]["val_loss"])
-    state = load_trainer_state(newest)  # weights_only=True
+    state = Checkpoint.read(newest).trainer_state()  # weights_only=True
     assert state["step"] == 40 and state["tokens"] == 40 * 128 and state["world_size"] == 1
     assert set(state["ranks"][0]) >= {"python", "numpy", "torch", "data"}
-    assert state["optimizer"]["state"] and state["schedule"]["max_steps"] == 40
+    assert state["optimizer"]["state"] and state["schedule"] == {"fitted_steps": 0}
 
     # At max_steps already: nothing to do. A higher --max-steps continues from step 40.
     done = cli("train", "--config", config, "--out", run)
@@ -213,7 +230,7 @@ def test_training_lowers_the_loss_and_writes_a_resumable_run(cli, tiny_data, tmp
     more = cli("train", "--config", config, "--out", run, "--max-steps", "45")
     assert more.code == 0, more.err
     assert "from step 40" in more.err
-    assert [step for step, _ in list_checkpoints(run)][-1] == 45
+    assert steps_of(run)[-1] == 45
     assert [r["step"] for r in metrics(run, "train")][-2:] == [40, 45]
 
 
@@ -244,7 +261,7 @@ def test_non_finite_losses_skip_updates_then_stop_the_run(cli, tiny_data, tmp_pa
     errors = [line for line in result.err.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "3 steps in a row with a non-finite loss or gradient by step 4" in errors[0]
     # Step 1 blew the weights up; steps 2 and 3 were skipped, so their checkpoints hold step 1's weights.
-    weights = {step: load_file(str(path / "model.safetensors")) for step, path in list_checkpoints(run)}
+    weights = {c.step: load_file(str(c.path / "model.safetensors")) for c in RunDir(run).checkpoints()}
     assert sorted(weights) == [0, 1, 2, 3]
     assert all(torch.equal(weights[1][k], weights[s][k]) for s in (2, 3) for k in weights[1])
     assert not all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
@@ -266,7 +283,7 @@ def test_sigkill_at_a_random_step_then_resume_is_bitwise_identical(tiny_data, tm
     killed.send_signal(signal.SIGKILL)
     assert killed.wait(timeout=60) == -signal.SIGKILL
     assert reference.wait(timeout=300) == 0, reference.communicate()
-    newest = list_checkpoints(killed_run)[-1][0]
+    newest = steps_of(killed_run)[-1]
     assert newest < 60, f"killed at step {seen} but the run had already finished"
     resumed = hetlm("train", "--config", config, "--out", killed_run, cwd=tmp_path)
     out, err = resumed.communicate(timeout=300)
@@ -292,24 +309,33 @@ def test_sigterm_and_sigint_finish_the_step_save_and_exit(tiny_data, tmp_path):
         out, err = proc.communicate(timeout=120)
         assert proc.returncode == {signal.SIGTERM: 143, signal.SIGINT: 130}[sig], err
         assert f"stopped by {sig.name}" in err
-        step, path = list_checkpoints(runs[sig])[-1]
-        assert step >= 3 and metrics(runs[sig], "train")[-1]["step"] == step
-        assert load_trainer_state(path)["step"] == step
+        checkpoint = RunDir(runs[sig]).checkpoints()[-1]
+        assert checkpoint.step >= 3 and metrics(runs[sig], "train")[-1]["step"] == checkpoint.step
+        assert checkpoint.trainer_state()["step"] == checkpoint.step
 
 
 def test_max_time_fits_the_decay_to_the_budget_and_saves_it(cli, tiny_data, tmp_path):
-    config = write_config(tmp_path, tiny_data, train={"max_steps": 1_000_000, "log_every": 20, "eval_every": 1_000_000,
+    # Asserts relations that hold however fast the machine is: the fitted length is the one reported, it is
+    # saved, the logged rates follow it, and a resumed run keeps it instead of fitting again.
+    config = write_config(tmp_path, tiny_data, train={"max_steps": 1_000_000, "log_every": 1, "eval_every": 1_000_000,
                                                         "checkpoint_every": 1_000_000})
     run = tmp_path / "run"
-    result = cli("train", "--config", config, "--out", run, "--max-time", "4s")
+    result = cli("train", "--config", config, "--out", run, "--max-time", "3s")
     assert result.code == 0, result.err
-    assert "decays to train.min_lr by step" in result.err
-    final = list_checkpoints(run)[-1][1]
-    fitted = load_trainer_state(final)["schedule"]["fitted_steps"]
-    step = read_manifest(final)["step"]
-    # The clock stopped the run within a few percent of the fitted length, so the rate ended near min_lr.
-    assert 0.8 * step < fitted < 1.2 * step
-    assert metrics(run, "train")[-1]["lr"] < 0.0003 + 0.1 * (0.003 - 0.0003)
+    reported = int(result.err.split("decays to train.min_lr by step ")[1].split()[0])
+    final = RunDir(run).checkpoints()[-1]
+    assert final.trainer_state()["schedule"]["fitted_steps"] == reported
+    train = load_config(config).train
+    # Steps before the fit follow max_steps' schedule, every step after it the fitted one.
+    fitted = [r["lr"] == pytest.approx(learning_rate_at(r["step"] - 1, train, reported)) for r in metrics(run, "train")]
+    unfitted = [r["lr"] == pytest.approx(learning_rate_at(r["step"] - 1, train)) for r in metrics(run, "train")]
+    assert all(f or u for f, u in zip(fitted, unfitted, strict=True))
+    switch = next(i for i, (f, u) in enumerate(zip(fitted, unfitted, strict=True)) if f and not u)
+    assert all(unfitted[:switch]) and all(fitted[switch:])
+    resumed = cli("train", "--config", config, "--out", run, "--max-time", "3s", "--max-steps", str(final.step + 3))
+    assert resumed.code == 0, resumed.err
+    assert "decays to train.min_lr" not in resumed.err
+    assert RunDir(run).checkpoints()[-1].trainer_state()["schedule"]["fitted_steps"] == reported
 
 
 def test_resume_from_a_checkpoint_path_into_a_new_run(cli, tiny_data, tmp_path):
@@ -319,11 +345,11 @@ def test_resume_from_a_checkpoint_path_into_a_new_run(cli, tiny_data, tmp_path):
     result = cli("train", "--config", config, "--out", tmp_path / "b", "--resume", start, "--max-steps", "12")
     assert result.code == 0, result.err
     assert "from step 5" in result.err
-    assert [step for step, _ in list_checkpoints(tmp_path / "b")][-1] == 12
+    assert steps_of(tmp_path / "b")[-1] == 12
     one_line_error(cli("train", "--config", config, "--out", tmp_path / "c", "--resume", tmp_path / "nope"), 2,
                    "does not exist")
     # --resume never starts over in place.
     fresh = cli("train", "--config", config, "--out", tmp_path / "a", "--resume", "never", "--max-steps", "3")
     assert fresh.code == 0 and "from step 0" in fresh.err
-    assert [step for step, _ in list_checkpoints(tmp_path / "a")] == [0, 3]
+    assert steps_of(tmp_path / "a") == [0, 3]
     assert os.path.exists(tmp_path / "a" / "config.yaml")

@@ -5,18 +5,19 @@ from __future__ import annotations
 from rich.markup import escape
 from rich.table import Table
 
-from hetlm.build import build_run, open_data_folder, resolve_config
+from hetlm.build import build_run, resolve_config
 from hetlm.cli.app import app
 from hetlm.cli.options import ConfigOption, OutOption, SetOption
 from hetlm.cli.render import RichReporter, plan_table, stdout
 from hetlm.config import Config, load_config
 from hetlm.planner import Plan, detect_inventory, make_plan
+from hetlm.store import DataFolder
 from hetlm.train import process_layout
 
 
 def plan_for(config: Config) -> tuple[Config, Plan]:
     """``config`` resolved against its data folder's tokenizer, and this process's training plan."""
-    resolved = resolve_config(config, open_data_folder(config))
+    resolved = resolve_config(config, DataFolder.open(config.data.dir))
     _, world_size, local_rank = process_layout()
     return resolved, make_plan(detect_inventory(), resolved, "train", world_size=world_size, local_rank=local_rank)
 

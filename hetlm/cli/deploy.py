@@ -9,7 +9,8 @@ import typer
 
 from hetlm.cli.app import app
 from hetlm.cli.render import RichReporter, stdout
-from hetlm.deploy import DTYPES, deploy
+from hetlm.deploy import deploy
+from hetlm.model import DTYPES
 
 TargetArgument = Annotated[Path, typer.Argument(help="A run folder, a checkpoint folder or a bundle.", show_default=False)]
 

@@ -11,29 +11,17 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from hetlm.checkpoint import LoadedModel
 from hetlm.cli.app import app
 from hetlm.cli.loading import TargetArgument, load_for_inference
 from hetlm.cli.options import SetOption
 from hetlm.cli.render import RichReporter, stderr, stdout
 from hetlm.errors import UsageError
 from hetlm.evaluate import evaluate, text_tokens
-from hetlm.io import atomic_write_json
-from hetlm.preprocess import load_data_manifest, open_split
+from hetlm.store import open_split, read_data_manifest
 from hetlm.tokenizer import Tokenizer
 
 # The model's shape and tokenizer come with the weights; only these sections may be overridden.
 OVERRIDABLE = ("device", "eval", "sample")
-
-
-def results_path(loaded: LoadedModel) -> Path | None:
-    """Where eval.json goes: the checkpoint's run folder, else the checkpoint folder; None for a bundle."""
-    if (loaded.manifest or {}).get("kind") == "bundle":
-        return None
-    path = Path(loaded.path)
-    if path.parent.name == "checkpoints":
-        return path.parent.parent / "eval.json"
-    return path / "eval.json"
 
 
 def evaluate_command(
@@ -73,21 +61,19 @@ def evaluate_command(
         source, inputs = "text", [str(f) for f in files]
     else:
         folder = Path(data if data is not None else config.data.dir)
-        manifest = load_data_manifest(folder)
+        manifest = read_data_manifest(folder)
         made_with = manifest.get("tokenizer", {}).get("sha256")
         if made_with != tokenizer.sha256:
             raise UsageError(f"data folder {folder} was made with another tokenizer than the model {loaded.path}: "
                              "evaluate on the data the model was trained with, or use --text")
-        tokens = open_split(folder, split)
+        tokens = open_split(folder, split, manifest)
         source, inputs = split, [str(folder)]
     with RichReporter() as reporter:
         result = evaluate(loaded.model, tokenizer, tokens, source=source, inputs=inputs, checkpoint=str(loaded.path),
                           stride=stride, max_tokens=max_tokens, batch_size=config.eval.batch_size, plan=plan,
                           chars=chars, reporter=reporter)
     record = result.to_dict()
-    saved = results_path(loaded)
-    if saved is not None:
-        atomic_write_json(saved, record)
+    saved = loaded.save_eval_results(record)
     if json_:
         sys.stdout.write(json.dumps(record) + "\n")
         sys.stdout.flush()

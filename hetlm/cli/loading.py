@@ -7,10 +7,10 @@ from typing import Annotated
 
 import typer
 
-from hetlm.checkpoint import LoadedModel, load_checkpoint
 from hetlm.cli.render import RichReporter
 from hetlm.config import Config, with_overrides
 from hetlm.planner import Plan, detect_inventory, make_plan
+from hetlm.store import LoadedModel, load_checkpoint
 
 TargetArgument = Annotated[Path, typer.Argument(help="A run folder (its best checkpoint), a checkpoint folder or a bundle.",
                                                 show_default=False)]
