@@ -1,4 +1,6 @@
 import dataclasses
+import json
+from pathlib import Path
 
 import pytest
 
@@ -129,3 +131,30 @@ def test_listed_choices_are_what_validation_accepts():
         with pytest.raises(ConfigError) as error:
             load_config(None, [f"{info.key}=bogus"])
         assert all(choice in str(error.value) for choice in info.choices)
+
+
+def test_config_keys_cli(cli):
+    keys = [info.key for info in describe_keys()]
+    table = cli("config", "keys")
+    assert table.code == 0
+    assert all(key in table.out for key in keys)
+    listed = cli("config", "keys", "--json")
+    assert listed.code == 0
+    entries = json.loads(listed.out)
+    assert [entry["key"] for entry in entries] == keys
+    assert entries[keys.index("data.tokenizer")] == {
+        "key": "data.tokenizer", "type": "str", "default": "bpe", "help": describe_key("data.tokenizer").help,
+        "choices": ["bpe", "unigram"],
+    }
+    markdown = cli("config", "keys", "--markdown")
+    assert markdown.code == 0
+    assert r"| `data.tokenizer` | bpe\|unigram | `bpe` | SentencePiece" in markdown.out
+    assert cli("config", "keys", "--markdown", "--json").code == 2
+
+
+def test_readme_configuration_table_is_the_listing(cli):
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text(encoding="utf-8")
+    section = readme.split("\n## Configuration\n", 1)[1].split("\n## ", 1)[0]
+    table = "\n".join(line for line in section.splitlines() if line.startswith("|"))
+    assert table == cli("config", "keys", "--markdown").out.strip(), \
+        "README.md's configuration table is stale: paste in the output of hetlm config keys --markdown"
