@@ -199,11 +199,10 @@ class SampleConfig:
     temperature: float = setting(0.8, "Sampling temperature; 0 is greedy")
     top_k: int = setting(0, "Sample among the K likeliest tokens; 0 switches this filter off")
     top_p: float = setting(1.0, "Sample among the likeliest tokens holding P of the probability; 1 switches this filter off")
-    seed: int = setting(0, "Seed of hetlm generate's sampling: the same seed gives the same text")
+    seed: int = setting(0, "Seed of hetlm generate's sampling: the same seed gives the same text (serve takes a request's)")
     quantize: str = setting(
-        "none", "Weights of single-token decoding steps: int8 reads each matrix as int8 with a scale per output channel, a "
-                "quarter of fp32's bytes, faster on the CPU for larger models, whose batch-1 steps wait on reading weights; "
-                "opt-in, as it changes the logits", QUANTIZE_CHOICES)
+        "none", "int8 decodes with int8 weights, one scale per output channel: a quarter of fp32's bytes to read, faster "
+                "on the CPU for larger models; opt-in, as it changes the logits", QUANTIZE_CHOICES)
 
     def validate(self) -> None:
         _check(self.max_new_tokens > 0, "sample.max_new_tokens must be positive")
