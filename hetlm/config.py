@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import difflib
+import functools
 import types
 import typing
 from dataclasses import dataclass, field
@@ -278,16 +279,18 @@ class KeyInfo:
         return str(self.default)
 
 
-def describe_keys() -> list[KeyInfo]:
+# Cached: the listing never changes, and key_help asks for it once per option while the CLI starts.
+@functools.cache
+def describe_keys() -> tuple[KeyInfo, ...]:
     """Every key, ``name`` first and then section by section in field order, with its type, default, help and choices."""
     groups = [("", Config, [f for f in dataclasses.fields(Config) if f.name not in SECTIONS])]
     groups += [(f"{section}.", _section_type(section), dataclasses.fields(_section_type(section))) for section in SECTIONS]
-    keys = []
+    keys: list[KeyInfo] = []
     for prefix, cls, members in groups:
         hints = typing.get_type_hints(cls)
         keys += [KeyInfo(prefix + f.name, hints[f.name].__name__, f.default, f.metadata["help"], f.metadata["choices"])
                  for f in members]
-    return keys
+    return tuple(keys)
 
 
 def describe_key(key: str) -> KeyInfo:

@@ -45,7 +45,7 @@ def keys(
         stdout.print(_keys_table(described))
 
 
-def keys_markdown(described: list[KeyInfo]) -> str:
+def keys_markdown(described: tuple[KeyInfo, ...]) -> str:
     """The README's configuration table."""
     lines = ["| key | type | default | meaning |", "|---|---|---|---|"]
     lines += [f"| `{info.key}` | {_cell(info.kind)} | `{info.default_text}` | {_cell(info.help)} |" for info in described]
@@ -56,7 +56,7 @@ def _cell(text: str) -> str:
     return text.replace("|", "\\|")
 
 
-def _keys_table(described: list[KeyInfo]) -> Table:
+def _keys_table(described: tuple[KeyInfo, ...]) -> Table:
     # Type and default sit under the key, so the meaning keeps most of the width even on an 80-column terminal.
     table = Table(title="Configuration keys (--config FILE, --set section.key=value)", title_justify="left",
                   show_lines=True)
