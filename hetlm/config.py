@@ -3,6 +3,9 @@
 Every value is checked against its field's type when the config is built, and each section
 validates its own invariants in ``validate``. Unknown keys are errors that name the closest
 valid key.
+
+Each key's default, help text and allowed values are declared once, with ``setting`` on its field;
+``describe_keys`` lists them for ``hetlm config keys``, the README's table and the CLI options' help.
 """
 
 from __future__ import annotations
@@ -10,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import difflib
+import functools
 import types
 import typing
 from dataclasses import dataclass, field
@@ -19,28 +23,39 @@ from typing import Any
 import yaml
 
 from hetlm.errors import ConfigError
+from hetlm.io import atomic_write_text
+
+TOKENIZERS = ("bpe", "unigram")
+DEVICES = ("auto", "cpu", "mps", "cuda", "cuda:N")
+DTYPES = ("auto", "fp32", "bf16", "fp16")
+COMPILE_CHOICES = ("auto", "on", "off")
+QUANTIZE_CHOICES = ("none", "int8")
+
+
+def setting(default: Any, help: str, choices: tuple[str, ...] = ()) -> Any:
+    """A config field's default with its help text and, for a string with a fixed set of values, those values."""
+    return field(default=default, metadata={"help": help, "choices": choices})
 
 
 @dataclass
 class DataConfig:
     """Where the corpus comes from and how it is tokenized (``hetlm preprocess``)."""
 
-    # Preprocessed data folder that build/train/eval read. Preprocess writes here when --out is not given.
-    dir: str = "data/python-stdlib"
-    vocab_size: int = 4096
-    tokenizer: str = "bpe"
-    val_fraction: float = 0.01
-    text_field: str = "text"
-    # Bytes of training text the tokenizer learns from; bounds its time and memory on large corpora.
-    tokenizer_sample_bytes: int = 64_000_000
-    # 0 lets the device planner choose.
-    workers: int = 0
-    seed: int = 1337
+    dir: str = setting("data/python-stdlib", "Preprocessed data folder that build, train and eval read; preprocess writes "
+                                             "here when it is set and --out is not given")
+    vocab_size: int = setting(4096, "Tokenizer vocabulary size, at least 260 (256 byte pieces and 4 special tokens)")
+    tokenizer: str = setting("bpe", "SentencePiece model type; unigram trains 20-40 times slower than bpe", TOKENIZERS)
+    val_fraction: float = setting(0.01, "Share of the documents (or of the text, with few documents) held out for validation")
+    text_field: str = setting("text", "Field of a JSONL record that holds its text")
+    tokenizer_sample_bytes: int = setting(
+        64_000_000, "Bytes of training text the tokenizer learns from; bounds its time and memory on large corpora")
+    workers: int = setting(0, "Preprocessing processes; 0 lets the planner choose (one per usable CPU)")
+    seed: int = setting(1337, "Key of the hash that splits the documents into train and val and picks the tokenizer's sample")
 
     def validate(self) -> None:
         _check(self.vocab_size >= 260, "data.vocab_size must be at least 260 (256 byte pieces + 4 specials)")
         _check(self.vocab_size <= 1_000_000, "data.vocab_size must be at most 1000000")
-        _check(self.tokenizer in ("bpe", "unigram"), "data.tokenizer must be 'bpe' or 'unigram'")
+        _check(self.tokenizer in TOKENIZERS, f"data.tokenizer must be {_either([repr(t) for t in TOKENIZERS])}")
         _check(0.0 < self.val_fraction < 1.0, "data.val_fraction must be between 0 and 1 (exclusive)")
         _check(self.tokenizer_sample_bytes > 0, "data.tokenizer_sample_bytes must be positive")
         _check(self.workers >= 0, "data.workers must be >= 0 (0 = let the planner choose)")
@@ -50,26 +65,23 @@ class DataConfig:
 class ModelConfig:
     """Shape of the Llama-style Transformer."""
 
-    n_layers: int = 4
-    d_model: int = 128
-    n_heads: int = 4
-    # 0 means the same as n_heads (plain multi-head attention).
-    n_kv_heads: int = 0
-    # 0 means 8/3 * d_model rounded up to a multiple of ffn_multiple_of (the Llama rule).
-    d_ff: int = 0
-    ffn_multiple_of: int = 32
-    context_length: int = 128
-    rope_theta: float = 10000.0
-    norm_eps: float = 1e-5
-    tie_embeddings: bool = True
-    # Dropout on the embedding and on each residual branch (attention and MLP outputs).
-    dropout: float = 0.0
-    # Dropout on the attention weights (Hugging Face's name). It moves CPU attention off the flash kernel
-    # onto a path that materialises the scores: measured ~1.6x slower steps there, against ~1.1x for ``dropout``.
-    attention_dropout: float = 0.0
-    init_std: float = 0.02
-    # 0 means "take it from the data folder's tokenizer".
-    vocab_size: int = 0
+    n_layers: int = setting(4, "Transformer blocks")
+    d_model: int = setting(128, "Width of the residual stream")
+    n_heads: int = setting(4, "Query heads; d_model / n_heads, the head size, must be even for RoPE")
+    n_kv_heads: int = setting(0, "Key/value heads, shared by groups of query heads; 0 means n_heads (plain multi-head attention)")
+    d_ff: int = setting(0, "Hidden width of the SwiGLU MLP; 0 means 8/3 × d_model rounded up to a multiple of ffn_multiple_of "
+                           "(the Llama rule)")
+    ffn_multiple_of: int = setting(32, "What a d_ff of 0 is rounded up to a multiple of")
+    context_length: int = setting(128, "Tokens the model attends over: the length of training windows and of the KV cache")
+    rope_theta: float = setting(10000.0, "Base of the rotary position embedding's frequencies")
+    norm_eps: float = setting(1e-5, "Epsilon of RMSNorm")
+    tie_embeddings: bool = setting(True, "The output layer reuses the token embedding matrix")
+    dropout: float = setting(0.0, "Dropout on the embedding and on each residual branch (attention and MLP outputs)")
+    attention_dropout: float = setting(
+        0.0, "Dropout on the attention weights (Hugging Face's name); it takes CPU attention off the flash kernel onto a path "
+             "that materialises the scores: measured ~1.6x slower steps there, against ~1.1x for dropout")
+    init_std: float = setting(0.02, "Standard deviation of the initial weights (scaled down with depth for residual outputs)")
+    vocab_size: int = setting(0, "Embedding rows; 0 takes the data folder's tokenizer size, any other value must equal it")
 
     @property
     def kv_heads(self) -> int:
@@ -106,32 +118,29 @@ class ModelConfig:
 class TrainConfig:
     """Optimisation, evaluation during training, checkpoints and logging."""
 
-    seed: int = 1337
-    # Sequences per forward/backward pass on one device.
-    micro_batch_size: int = 16
-    # Tokens per optimizer step across all devices; 0 means one micro-batch per device.
-    global_batch_tokens: int = 0
-    max_steps: int = 1000
-    # Stop after this much wall time ("90s", "10m", "1h"); empty for no limit.
-    max_time: str = ""
-    learning_rate: float = 1e-3
-    min_lr: float = 1e-4
-    warmup_steps: int = 100
-    # Cosine decay length; 0 means max_steps.
-    decay_steps: int = 0
-    weight_decay: float = 0.1
-    beta1: float = 0.9
-    beta2: float = 0.95
-    grad_clip: float = 1.0
-    eval_every: int = 200
-    # Number of fixed validation windows scored at each evaluation.
-    eval_windows: int = 64
-    log_every: int = 10
-    checkpoint_every: int = 500
-    keep_last: int = 2
-    # Consecutive non-finite losses tolerated before the run stops.
-    max_bad_steps: int = 5
-    deterministic: bool = False
+    seed: int = setting(1337, "Seeds the initial weights and the order in which training windows are drawn")
+    micro_batch_size: int = setting(16, "Sequences per forward/backward pass on one device")
+    global_batch_tokens: int = setting(
+        0, "Tokens per optimizer step across all devices, reached by accumulating micro-batches; 0 means one micro-batch "
+           "per device")
+    max_steps: int = setting(1000, "Train up to this optimizer step")
+    max_time: str = setting("", "Stop after this much wall time (90s, 10m, 1h); empty for no limit")
+    learning_rate: float = setting(1e-3, "Peak learning rate, reached at the end of the warmup")
+    min_lr: float = setting(1e-4, "Learning rate at the end of the cosine decay")
+    warmup_steps: int = setting(100, "Steps of linear learning-rate warmup")
+    decay_steps: int = setting(
+        0, "Step at which the cosine decay reaches min_lr; 0 means max_steps, or the step at which max_time will stop the run")
+    weight_decay: float = setting(0.1, "AdamW weight decay, applied to the weight matrices but not to norms and embeddings")
+    beta1: float = setting(0.9, "AdamW's decay rate of the gradient mean")
+    beta2: float = setting(0.95, "AdamW's decay rate of the squared-gradient mean")
+    grad_clip: float = setting(1.0, "Largest global gradient norm; 0 disables clipping")
+    eval_every: int = setting(200, "Steps between evaluations on the validation windows")
+    eval_windows: int = setting(64, "Fixed validation windows scored at each evaluation")
+    log_every: int = setting(10, "Steps between progress lines and metrics.jsonl records")
+    checkpoint_every: int = setting(500, "Steps between checkpoints")
+    keep_last: int = setting(2, "Newest checkpoints kept; the best by validation loss is kept as well")
+    max_bad_steps: int = setting(5, "Consecutive non-finite losses tolerated before the run stops")
+    deterministic: bool = setting(False, "Use torch's deterministic algorithms, so a resumed CPU run is bit-identical")
 
     def validate(self) -> None:
         for name in ("micro_batch_size", "max_steps", "eval_every", "eval_windows", "log_every",
@@ -152,19 +161,18 @@ class TrainConfig:
 class DeviceConfig:
     """Overrides for the device planner; "auto" lets it decide."""
 
-    device: str = "auto"
-    dtype: str = "auto"
-    compile: str = "auto"
-    # 0 lets the planner choose.
-    threads: int = 0
-    # Batches the background loader keeps ready.
-    prefetch: int = 4
+    device: str = setting("auto", "Where to run; auto takes CUDA, then MPS, then the CPU", DEVICES)
+    dtype: str = setting("auto", "Autocast dtype (weights stay fp32); auto lets the planner choose for the hardware", DTYPES)
+    compile: str = setting(
+        "auto", "torch.compile each Transformer block; auto compiles when the estimated run is long enough to pay it back",
+        COMPILE_CHOICES)
+    threads: int = setting(0, "Torch CPU threads; 0 lets the planner choose")
+    prefetch: int = setting(4, "Batches the background loader keeps ready")
 
     def validate(self) -> None:
-        _check(self.device == "auto" or self.device in ("cpu", "mps", "cuda") or self.device.startswith("cuda:"),
-               "device.device must be auto, cpu, mps, cuda or cuda:N")
-        _check(self.dtype in ("auto", "fp32", "bf16", "fp16"), "device.dtype must be auto, fp32, bf16 or fp16")
-        _check(self.compile in ("auto", "on", "off"), "device.compile must be auto, on or off")
+        _check(self.device in DEVICES or self.device.startswith("cuda:"), f"device.device must be {_either(DEVICES)}")
+        _check(self.dtype in DTYPES, f"device.dtype must be {_either(DTYPES)}")
+        _check(self.compile in COMPILE_CHOICES, f"device.compile must be {_either(COMPILE_CHOICES)}")
         _check(self.threads >= 0, "device.threads must be >= 0 (0 = let the planner choose)")
         _check(self.prefetch >= 1, "device.prefetch must be >= 1")
 
@@ -173,31 +181,29 @@ class DeviceConfig:
 class EvalConfig:
     """``hetlm eval``: how much text is scored and how."""
 
-    max_tokens: int = 0
-    # 0 means non-overlapping windows of the model's context.
-    stride: int = 0
-    batch_size: int = 8
+    max_tokens: int = setting(0, "Score only the first N tokens; 0 scores them all")
+    stride: int = setting(
+        0, "Start a window every S tokens and score only the tokens no earlier window scored; 0 means the context length "
+           "(non-overlapping windows)")
+    batch_size: int = setting(8, "Windows scored per forward pass")
 
     def validate(self) -> None:
         _check(self.max_tokens >= 0 and self.stride >= 0, "eval.max_tokens and eval.stride must be >= 0")
         _check(self.batch_size > 0, "eval.batch_size must be positive")
 
 
-QUANTIZE_CHOICES = ("none", "int8")
-
-
 @dataclass
 class SampleConfig:
     """Sampling defaults shared by ``hetlm generate`` and the server."""
 
-    max_new_tokens: int = 256
-    temperature: float = 0.8
-    top_k: int = 0
-    top_p: float = 1.0
-    seed: int = 0
-    # "int8": single-token steps read int8 weights with a scale per output channel, a quarter of the fp32
-    # bytes; batch-1 decoding of larger models waits on reading the weights. Opt-in, as it changes logits.
-    quantize: str = "none"
+    max_new_tokens: int = setting(256, "Tokens generated at most; the server's default for a request's max_tokens")
+    temperature: float = setting(0.8, "Sampling temperature; 0 is greedy")
+    top_k: int = setting(0, "Sample among the K likeliest tokens; 0 switches this filter off")
+    top_p: float = setting(1.0, "Sample among the likeliest tokens holding P of the probability; 1 switches this filter off")
+    seed: int = setting(0, "Seed of hetlm generate's sampling: the same seed gives the same text (serve takes a request's)")
+    quantize: str = setting(
+        "none", "int8 decodes with int8 weights, one scale per output channel: a quarter of fp32's bytes to read, faster "
+                "on the CPU for larger models; opt-in, as it changes the logits", QUANTIZE_CHOICES)
 
     def validate(self) -> None:
         _check(self.max_new_tokens > 0, "sample.max_new_tokens must be positive")
@@ -211,12 +217,11 @@ class SampleConfig:
 class ServeConfig:
     """``hetlm serve``: the OpenAI-compatible HTTP server."""
 
-    host: str = "127.0.0.1"
-    port: int = 8000
-    max_concurrency: int = 4
-    # Requests waiting beyond this are answered 503.
-    max_queue: int = 64
-    max_tokens_limit: int = 4096
+    host: str = setting("127.0.0.1", "Address to bind")
+    port: int = setting(8000, "Port to listen on; 0 picks a free one")
+    max_concurrency: int = setting(4, "Generations advanced together, one token each in turn")
+    max_queue: int = setting(64, "Requests waiting for a free generation slot; more are answered 503")
+    max_tokens_limit: int = setting(4096, "Largest max_tokens a request may ask for")
 
     def validate(self) -> None:
         _check(0 <= self.port < 65536, "serve.port must be in 0..65535")
@@ -233,8 +238,7 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
     serve: ServeConfig = field(default_factory=ServeConfig)
-    # The preset's name (its file stem); names the default run folder.
-    name: str = "default"
+    name: str = setting("default", "The preset's name (its config file's stem); names the default run folder")
 
     def validate(self) -> None:
         for section in SECTIONS:
@@ -250,9 +254,61 @@ class Config:
 SECTIONS = tuple(f.name for f in dataclasses.fields(Config) if f.name != "name")
 
 
+@dataclass(frozen=True)
+class KeyInfo:
+    """One configuration key as ``hetlm config keys`` lists it."""
+
+    key: str
+    type: str
+    default: Any
+    help: str
+    choices: tuple[str, ...]
+
+    @property
+    def kind(self) -> str:
+        """The type, or the allowed values of a key that has a fixed set of them: ``bpe|unigram``."""
+        return "|".join(self.choices) or self.type
+
+    @property
+    def default_text(self) -> str:
+        """The default as one would write it after --set."""
+        if isinstance(self.default, bool):
+            return str(self.default).lower()
+        if self.default == "":
+            return '""'
+        return str(self.default)
+
+
+# Cached: the listing never changes, and key_help asks for it once per option while the CLI starts.
+@functools.cache
+def describe_keys() -> tuple[KeyInfo, ...]:
+    """Every key, ``name`` first and then section by section in field order, with its type, default, help and choices."""
+    groups = [("", Config, [f for f in dataclasses.fields(Config) if f.name not in SECTIONS])]
+    groups += [(f"{section}.", _section_type(section), dataclasses.fields(_section_type(section))) for section in SECTIONS]
+    keys: list[KeyInfo] = []
+    for prefix, cls, members in groups:
+        hints = typing.get_type_hints(cls)
+        keys += [KeyInfo(prefix + f.name, hints[f.name].__name__, f.default, f.metadata["help"], f.metadata["choices"])
+                 for f in members]
+    return tuple(keys)
+
+
+def describe_key(key: str) -> KeyInfo:
+    info = next((k for k in describe_keys() if k.key == key), None)
+    if info is None:
+        raise _unknown(key)
+    return info
+
+
 def _check(ok: bool, message: str) -> None:
     if not ok:
         raise ConfigError(message)
+
+
+def _either(words: list[str] | tuple[str, ...]) -> str:
+    """``a, b or c``: the allowed values as the validation messages name them."""
+    *rest, last = words
+    return f"{', '.join(rest)} or {last}" if rest else last
 
 
 def parse_duration(text: str, what: str = "duration") -> float:
@@ -273,11 +329,7 @@ def parse_duration(text: str, what: str = "duration") -> float:
 
 
 def all_keys() -> list[str]:
-    keys = ["name"]
-    for section in SECTIONS:
-        cls = _section_type(section)
-        keys += [f"{section}.{f.name}" for f in dataclasses.fields(cls)]
-    return keys
+    return [info.key for info in describe_keys()]
 
 
 def _section_type(section: str) -> type:
@@ -416,6 +468,4 @@ def with_overrides(saved: Config, assignments: list[str] | tuple[str, ...], sect
 
 
 def save_config(config: Config, path: str | Path) -> None:
-    from hetlm.io import atomic_write_text
-
     atomic_write_text(Path(path), config.to_yaml())

@@ -1,6 +1,10 @@
+import dataclasses
+import json
+from pathlib import Path
+
 import pytest
 
-from hetlm.config import Config, config_from_dict, load_config, parse_duration
+from hetlm.config import Config, config_from_dict, describe_key, describe_keys, load_config, parse_duration
 from hetlm.errors import ConfigError
 
 
@@ -86,3 +90,71 @@ def test_yaml_1_1_quirks():
     assert config.model.norm_eps == 1e-6
     assert config.device.compile == "on"
     assert config.train.learning_rate == 3e-4
+
+
+def _keys_and_defaults() -> dict:
+    """Every key of Config with its default, found from the dataclasses themselves."""
+    defaults = Config()
+    keys = {}
+    for f in dataclasses.fields(defaults):
+        value = getattr(defaults, f.name)
+        if dataclasses.is_dataclass(value):
+            keys.update({f"{f.name}.{g.name}": getattr(value, g.name) for g in dataclasses.fields(value)})
+        else:
+            keys[f.name] = value
+    return keys
+
+
+def test_every_key_is_described_once():
+    expected = _keys_and_defaults()
+    described = describe_keys()
+    assert sorted(info.key for info in described) == sorted(expected)
+    for info in described:
+        assert info.help.strip(), f"{info.key} has no help text"
+        assert info.default == expected[info.key]
+        assert info.type == type(info.default).__name__
+    assert describe_key("data.vocab_size").default_text == "4096"
+    assert describe_key("train.max_time").default_text == '""'
+    assert describe_key("model.tie_embeddings").default_text == "true"
+    with pytest.raises(ConfigError, match="did you mean data.vocab_size"):
+        describe_key("data.vocab_sise")
+
+
+def test_listed_choices_are_what_validation_accepts():
+    with_choices = [info for info in describe_keys() if info.choices]
+    assert {info.key for info in with_choices} >= {"data.tokenizer", "device.dtype", "device.compile", "sample.quantize"}
+    for info in with_choices:
+        assert info.default in info.choices
+        for choice in info.choices:
+            section, leaf = info.key.split(".")
+            assert getattr(getattr(load_config(None, [f"{info.key}={choice}"]), section), leaf) == choice
+        with pytest.raises(ConfigError) as error:
+            load_config(None, [f"{info.key}=bogus"])
+        assert all(choice in str(error.value) for choice in info.choices)
+
+
+def test_config_keys_cli(cli):
+    keys = [info.key for info in describe_keys()]
+    table = cli("config", "keys")
+    assert table.code == 0
+    assert all(key in table.out for key in keys)
+    listed = cli("config", "keys", "--json")
+    assert listed.code == 0
+    entries = json.loads(listed.out)
+    assert [entry["key"] for entry in entries] == keys
+    assert entries[keys.index("data.tokenizer")] == {
+        "key": "data.tokenizer", "type": "str", "default": "bpe", "help": describe_key("data.tokenizer").help,
+        "choices": ["bpe", "unigram"],
+    }
+    markdown = cli("config", "keys", "--markdown")
+    assert markdown.code == 0
+    assert r"| `data.tokenizer` | bpe\|unigram | `bpe` | SentencePiece" in markdown.out
+    assert cli("config", "keys", "--markdown", "--json").code == 2
+
+
+def test_readme_configuration_table_is_the_listing(cli):
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text(encoding="utf-8")
+    section = readme.split("\n## Configuration\n", 1)[1].split("\n## ", 1)[0]
+    table = "\n".join(line for line in section.splitlines() if line.startswith("|"))
+    assert table == cli("config", "keys", "--markdown").out.strip(), \
+        "README.md's configuration table is stale: paste in the output of hetlm config keys --markdown"

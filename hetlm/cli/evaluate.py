@@ -13,7 +13,7 @@ from rich.table import Table
 
 from hetlm.cli.app import app
 from hetlm.cli.loading import TargetArgument, load_for_inference
-from hetlm.cli.options import SetOption
+from hetlm.cli.options import SetOption, key_help
 from hetlm.cli.render import RichReporter, stderr, stdout
 from hetlm.errors import UsageError
 from hetlm.evaluate import evaluate, text_tokens
@@ -34,10 +34,8 @@ def evaluate_command(
         "(--text A B or --text A --text B).", show_default=False)] = None,
     split: Annotated[str, typer.Option("--split", help="Split of the data folder: val or train.")] = "val",
     max_tokens: Annotated[Optional[int], typer.Option(
-        "--max-tokens", help="Score only the first N tokens \\[default: eval.max_tokens; 0 = all].", show_default=False)] = None,
-    stride: Annotated[Optional[int], typer.Option(
-        "--stride", help="Start a window every S tokens and score only its new tokens \\[default: eval.stride; "
-        "0 = the context length, non-overlapping].", show_default=False)] = None,
+        "--max-tokens", help=key_help("eval.max_tokens"), show_default=False)] = None,
+    stride: Annotated[Optional[int], typer.Option("--stride", help=key_help("eval.stride"), show_default=False)] = None,
     json_: Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout instead of a table.")] = False,
     set_: SetOption = None,
 ) -> None:

@@ -11,7 +11,7 @@ import typer
 from hetlm.cli.app import app
 from hetlm.cli.evaluate import OVERRIDABLE
 from hetlm.cli.loading import TargetArgument, load_for_inference
-from hetlm.cli.options import SetOption
+from hetlm.cli.options import SetOption, key_help
 from hetlm.cli.render import RichReporter, stderr
 from hetlm.errors import UsageError
 from hetlm.sampling import Sampler, SamplingSettings, encode_prompt, make_generator
@@ -27,23 +27,22 @@ def generate_command(
     prompt_file: Annotated[Optional[Path], typer.Option(
         "--prompt-file", help="Read the prompt from this UTF-8 file.", show_default=False)] = None,
     max_new_tokens: Annotated[Optional[int], typer.Option(
-        "--max-new-tokens", "-n", help="\\[default: sample.max_new_tokens]", show_default=False)] = None,
+        "--max-new-tokens", "-n", help=key_help("sample.max_new_tokens"), show_default=False)] = None,
     temperature: Annotated[Optional[float], typer.Option(
-        "--temperature", "-t", help="0 = greedy \\[default: sample.temperature]", show_default=False)] = None,
+        "--temperature", "-t", help=key_help("sample.temperature"), show_default=False)] = None,
     top_k: Annotated[Optional[int], typer.Option(
-        "--top-k", help="Sample among the K likeliest tokens; 0 = off \\[default: sample.top_k]", show_default=False)] = None,
+        "--top-k", help=key_help("sample.top_k"), show_default=False)] = None,
     top_p: Annotated[Optional[float], typer.Option(
-        "--top-p", help="Sample among the likeliest tokens holding P of the probability \\[default: sample.top_p]",
+        "--top-p", help=key_help("sample.top_p"),
         show_default=False)] = None,
     seed: Annotated[Optional[int], typer.Option(
-        "--seed", help="Same seed, same text \\[default: sample.seed]", show_default=False)] = None,
+        "--seed", help=key_help("sample.seed"), show_default=False)] = None,
     stop: Annotated[Optional[list[str]], typer.Option(
         "--stop", help="End the text before this string (repeatable).", show_default=False)] = None,
     num_samples: Annotated[int, typer.Option("--num-samples", help="Samples drawn as one batch.")] = 1,
     no_stream: Annotated[bool, typer.Option("--no-stream", help="Print the text when it is complete.")] = False,
     quantize: Annotated[Optional[str], typer.Option(
-        "--quantize", help="int8: decode with int8 weights, faster for larger models on the CPU; none: full precision "
-        "\\[default: sample.quantize]", show_default=False)] = None,
+        "--quantize", help=key_help("sample.quantize"), show_default=False)] = None,
     set_: SetOption = None,
 ) -> None:
     """Continue a prompt: text streams to stdout as it is generated, statistics go to stderr.

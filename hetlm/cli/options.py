@@ -1,4 +1,4 @@
-"""Options shared by several commands."""
+"""Options shared by several commands, and the help of options that set a configuration key."""
 
 from __future__ import annotations
 
@@ -6,6 +6,9 @@ from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
+from rich.markup import escape
+
+from hetlm.config import describe_key
 
 ConfigOption = Annotated[
     Optional[Path],
@@ -19,3 +22,15 @@ OutOption = Annotated[
     Optional[Path],
     typer.Option("--out", "-o", help="Run folder (default: runs/<config name>).", show_default=False),
 ]
+
+
+def key_help(key: str) -> str:
+    """The help of an option that sets ``key``: the key's own help, allowed values and built-in default.
+
+    The option's value replaces the key's, which comes from the config (--config, --set, or the model's saved one),
+    so the default names the key as well as its built-in value.
+    """
+    info = describe_key(key)
+    choices = f" [{info.kind}]" if info.choices else ""
+    # Escaped: the app renders help as Rich markup, which would take [default: ...] for a tag.
+    return escape(f"{info.help}{choices} [default: {key}, {info.default_text}]")

@@ -10,7 +10,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from hetlm.cli.app import app
-from hetlm.cli.options import ConfigOption, SetOption
+from hetlm.cli.options import ConfigOption, SetOption, key_help
 from hetlm.cli.render import RichReporter, stderr, stdout
 from hetlm.config import load_config
 from hetlm.planner import detect_inventory, make_plan
@@ -29,27 +29,26 @@ def preprocess_cmd(
     ] = None,
     out: Annotated[
         Optional[Path],
-        typer.Option("--out", "-o", help="Output folder (default: data/<name of the first input>).", show_default=False),
+        typer.Option("--out", "-o", help="Output folder \\[default: data.dir when the config sets it, else data/<name of the "
+                     "first input>].", show_default=False),
     ] = None,
     vocab_size: Annotated[
         Optional[int],
-        typer.Option("--vocab-size", help="Tokenizer vocabulary size (data.vocab_size, default 4096).", show_default=False),
+        typer.Option("--vocab-size", help=key_help("data.vocab_size"), show_default=False),
     ] = None,
     tokenizer: Annotated[
-        Optional[str], typer.Option("--tokenizer", help="bpe or unigram (data.tokenizer, default bpe).", show_default=False)
+        Optional[str], typer.Option("--tokenizer", help=key_help("data.tokenizer"), show_default=False)
     ] = None,
     val_fraction: Annotated[
         Optional[float],
-        typer.Option("--val-fraction", help="Share of the text held out for validation (data.val_fraction, default 0.01).",
-                     show_default=False),
+        typer.Option("--val-fraction", help=key_help("data.val_fraction"), show_default=False),
     ] = None,
     workers: Annotated[
         Optional[int],
-        typer.Option("--workers", "-j", help="Encoding processes (data.workers; default 0 = every CPU).", show_default=False),
+        typer.Option("--workers", "-j", help=key_help("data.workers"), show_default=False),
     ] = None,
     text_field: Annotated[
-        Optional[str], typer.Option("--text-field", help="JSONL field holding the text (data.text_field, default text).",
-                                    show_default=False)
+        Optional[str], typer.Option("--text-field", help=key_help("data.text_field"), show_default=False)
     ] = None,
     force: Annotated[bool, typer.Option("--force", "-f", help="Redo the work even if the folder is up to date.")] = False,
     config: ConfigOption = None,

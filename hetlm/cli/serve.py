@@ -10,7 +10,7 @@ import typer
 
 from hetlm.cli.app import app
 from hetlm.cli.loading import load_for_inference
-from hetlm.cli.options import SetOption
+from hetlm.cli.options import SetOption, key_help
 from hetlm.cli.render import RichReporter
 from hetlm.errors import HetlmError
 
@@ -29,15 +29,15 @@ TargetArgument = Annotated[Path, typer.Argument(help="A run folder, a checkpoint
 @app.command("serve")
 def serve_command(
     target: TargetArgument,
-    host: Annotated[Optional[str], typer.Option("--host", help="Address to bind \\[default: serve.host, 127.0.0.1].",
+    host: Annotated[Optional[str], typer.Option("--host", help=key_help("serve.host"),
                                                 show_default=False)] = None,
-    port: Annotated[Optional[int], typer.Option("--port", help="Port \\[default: serve.port, 8000]; 0 picks a free one.",
+    port: Annotated[Optional[int], typer.Option("--port", help=key_help("serve.port"),
                                                 show_default=False)] = None,
     api_key: Annotated[Optional[str], typer.Option("--api-key", envvar="HETLM_API_KEY", show_envvar=True,
                                                    help="Clients must send 'Authorization: Bearer KEY'.",
                                                    show_default=False)] = None,
     max_concurrency: Annotated[Optional[int], typer.Option(
-        "--max-concurrency", help="Generations advanced together \\[default: serve.max_concurrency].", show_default=False)] = None,
+        "--max-concurrency", help=key_help("serve.max_concurrency"), show_default=False)] = None,
     model_name: Annotated[Optional[str], typer.Option(
         "--model-name", help="The model id clients ask for \\[default: the target folder's name].", show_default=False)] = None,
     set_: SetOption = None,

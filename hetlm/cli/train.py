@@ -11,7 +11,7 @@ from rich.table import Table
 
 from hetlm.cli.app import app
 from hetlm.cli.build import plan_for
-from hetlm.cli.options import ConfigOption, OutOption, SetOption
+from hetlm.cli.options import ConfigOption, OutOption, SetOption, key_help
 from hetlm.cli.render import RichReporter, stderr, stdout
 from hetlm.config import load_config
 from hetlm.train import TrainResult, train
@@ -102,10 +102,10 @@ def train_command(
     resume: Annotated[
         str, typer.Option("--resume", help="auto (newest complete checkpoint), never (start over), or a checkpoint/run PATH.")
     ] = "auto",
-    max_steps: Annotated[Optional[int], typer.Option("--max-steps", help="Train up to this step (train.max_steps).")] = None,
-    max_time: Annotated[
-        Optional[str], typer.Option("--max-time", help="Stop after this wall time, e.g. 90s, 10m (train.max_time).")
+    max_steps: Annotated[
+        Optional[int], typer.Option("--max-steps", help=key_help("train.max_steps"), show_default=False)
     ] = None,
+    max_time: Annotated[Optional[str], typer.Option("--max-time", help=key_help("train.max_time"), show_default=False)] = None,
 ) -> int:
     """Train the run's model; continues from its newest checkpoint. Works under torchrun for DDP."""
     overrides = list(set_ or [])
