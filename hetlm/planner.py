@@ -397,7 +397,9 @@ class Plan:
     def apply(self) -> None:
         """Set process-wide torch state from the plan; call once before the work starts."""
         kind = self.torch_device.type
-        missing = {"cuda": not torch.cuda.is_available(), "mps": not torch.backends.mps.is_available()}
+        index = self.torch_device.index or 0
+        missing = {"cuda": not torch.cuda.is_available() or index >= torch.cuda.device_count(),
+                   "mps": not torch.backends.mps.is_available()}
         if missing.get(kind, False):
             raise HetlmError(
                 f"the plan puts the work on {self.device}, which this machine does not have "

@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
 import shutil
 from collections.abc import Callable
@@ -423,17 +422,7 @@ def write_bundle(out: Path, fill: Callable[[Path], dict[str, Any]]) -> Path:
         (tmp / BUNDLE_MANIFEST).write_text(json.dumps({
             "format_version": BUNDLE_FORMAT_VERSION, "kind": "bundle", "hetlm_version": __version__,
             **meta, "files": files}, indent=2) + "\n", encoding="utf-8")
-        _make_shareable(tmp)
     return Path(out)
-
-
-def _make_shareable(folder: Path) -> None:
-    """Give the bundle the modes of ordinary new files: its temporary folder was created private (0700)."""
-    umask = os.umask(0o022)
-    os.umask(umask)
-    folder.chmod(0o777 & ~umask)
-    for file in folder.iterdir():
-        file.chmod(0o666 & ~umask)
 
 
 # --- resolving and loading a trained model --------------------------------------------------------------

@@ -270,9 +270,12 @@ def test_autocast_and_apply_on_this_machine():
         assert torch.get_num_threads() == 1
     finally:
         torch.set_num_threads(threads)
-    if not torch.cuda.is_available():
-        with pytest.raises(HetlmError, match="does not have"):
-            plan_for("one-8gb-gpu").apply()
+    # A simulated machine with one GPU more than this one has: its last GPU is missing here, whatever this machine is.
+    data = json.loads((INVENTORIES / "one-8gb-gpu.json").read_text())
+    data["cuda"] = [dict(data["cuda"][0], index=i) for i in range(torch.cuda.device_count() + 1)]
+    absent = make_plan(Inventory.from_dict(data), load_config(None, [f"device.device=cuda:{len(data['cuda']) - 1}"]))
+    with pytest.raises(HetlmError, match="does not have"):
+        absent.apply()
 
 
 @pytest.mark.parametrize("name", ["no-gpu", "one-8gb-gpu", "two-gpus", "apple-mps", "old-gpu", "cpu-no-amx"])

@@ -1,4 +1,6 @@
 import json
+import os
+import stat
 
 import pytest
 import torch
@@ -7,7 +9,7 @@ from safetensors.torch import load_file
 from hetlm.config import load_config
 from hetlm.errors import UsageError
 from hetlm.model import Transformer
-from hetlm.store import Checkpoint, DataFolder, LoadedModel, RunDir, load_checkpoint, resolve
+from hetlm.store import Checkpoint, DataFolder, LoadedModel, RunDir, load_checkpoint, read_bundle_manifest, resolve, write_bundle
 
 
 def tiny(tmp_path):
@@ -105,3 +107,20 @@ def test_data_folder_reads_what_preprocess_wrote(tiny_data):
     assert data.bytes_per_token("val") == data.manifest["splits"]["val"]["bytes"] / data.split_tokens("val")
     with pytest.raises(UsageError, match="run `hetlm preprocess` first"):
         DataFolder.open(tiny_data / "missing")
+
+
+def test_bundles_get_the_modes_of_ordinary_new_files(tmp_path):
+    def fill(folder):
+        (folder / "a.json").write_text("{}")
+        torch.save({"x": torch.ones(1)}, folder / "b.pt")
+        return {"config": {}}
+
+    umask = os.umask(0o022)
+    try:
+        out = write_bundle(tmp_path / "bundle", fill)
+    finally:
+        os.umask(umask)
+    assert stat.S_IMODE(out.stat().st_mode) == 0o755
+    assert {p.name: stat.S_IMODE(p.stat().st_mode) for p in out.iterdir()} == {
+        "a.json": 0o644, "b.pt": 0o644, "hetlm.json": 0o644}
+    assert read_bundle_manifest(out)["files"].keys() == {"a.json", "b.pt"}
