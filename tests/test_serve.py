@@ -22,8 +22,8 @@ import pytest
 import torch
 import uvicorn
 
+from hetlm.decode import Int8Weight
 from hetlm.planner import detect_inventory, make_plan
-from hetlm.sampling import Int8Weight
 from hetlm.serve import bind_warning, create_app
 
 NAME = "tiny"
