@@ -41,7 +41,8 @@ import torch
 from hetlm.config import Config, ModelConfig
 from hetlm.model import Transformer, parameter_counts
 from hetlm.planner import detect_inventory, make_plan
-from hetlm.sampling import Sampler, SamplingSettings, make_generator
+from hetlm.sampling import Sampler, make_generator
+from hetlm.sampling_settings import SamplingSettings
 
 SHAPES = {
     "baby": {"n_layers": 4, "n_heads": 4, "d_model": 128},

@@ -19,6 +19,7 @@ from typing import Any
 import yaml
 
 from hetlm.errors import ConfigError
+from hetlm.sampling_settings import SamplingError, SamplingSettings
 
 
 @dataclass
@@ -200,11 +201,12 @@ class SampleConfig:
     quantize: str = "none"
 
     def validate(self) -> None:
-        _check(self.max_new_tokens > 0, "sample.max_new_tokens must be positive")
         _check(self.quantize in QUANTIZE_CHOICES, f"sample.quantize must be one of {', '.join(QUANTIZE_CHOICES)}")
-        _check(self.temperature >= 0, "sample.temperature must be >= 0 (0 = greedy)")
-        _check(self.top_k >= 0, "sample.top_k must be >= 0 (0 = off)")
-        _check(0 < self.top_p <= 1, "sample.top_p must be in (0, 1]")
+        # The sampling values obey the rules every sampling parameter does, wherever it comes from.
+        try:
+            SamplingSettings.from_config(self)
+        except SamplingError as exc:
+            raise ConfigError(exc.message(f"sample.{exc.name}")) from None
 
 
 @dataclass

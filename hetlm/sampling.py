@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import math
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -28,11 +27,11 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from hetlm.config import SampleConfig
 from hetlm.decode import Decoder, Decoding
 from hetlm.errors import UsageError
 from hetlm.model import KVCache, Transformer
 from hetlm.reporting import NullReporter, Reporter
+from hetlm.sampling_settings import SamplingSettings
 
 if TYPE_CHECKING:
     from hetlm.planner import Plan
@@ -41,50 +40,6 @@ if TYPE_CHECKING:
 # neighbour (a byte sequence, a leading-space rule) comes out as in a decode of the whole text.
 DETOKENIZER_CONTEXT = 8
 REPLACEMENT = "\ufffd"
-
-
-@dataclass(frozen=True)
-class SamplingSettings:
-    """How to sample. temperature 0 is greedy; top_k 0 and top_p 1 switch those filters off."""
-
-    max_new_tokens: int = 256
-    temperature: float = 0.8
-    top_k: int = 0
-    top_p: float = 1.0
-    # The text ends just before the first occurrence of any of these.
-    stop: tuple[str, ...] = ()
-    num_samples: int = 1
-    # Keep going after </s> (benchmarks that need an exact number of tokens).
-    ignore_eos: bool = False
-    use_cache: bool = True
-
-    def validate(self) -> None:
-        if self.max_new_tokens < 1:
-            raise UsageError(f"max new tokens must be at least 1, got {self.max_new_tokens}")
-        if not (self.temperature >= 0 and math.isfinite(self.temperature)):
-            raise UsageError(f"temperature must be a finite number >= 0 (0 = greedy), got {self.temperature}")
-        if self.top_k < 0:
-            raise UsageError(f"top-k must be >= 0 (0 = off), got {self.top_k}")
-        if not 0 < self.top_p <= 1:
-            raise UsageError(f"top-p must be in (0, 1], got {self.top_p}")
-        if self.num_samples < 1:
-            raise UsageError(f"number of samples must be at least 1, got {self.num_samples}")
-        if any(not s for s in self.stop):
-            raise UsageError("stop strings must not be empty")
-
-    @classmethod
-    def from_config(cls, sample: SampleConfig, **overrides: Any) -> SamplingSettings:
-        """Settings from the config's ``sample`` section; ``overrides`` that are None keep the config's value."""
-        values = {f.name: getattr(sample, f.name) for f in dataclasses.fields(sample) if f.name in _SETTING_NAMES}
-        values.update({k: v for k, v in overrides.items() if v is not None})
-        if "stop" in values:
-            values["stop"] = tuple(values["stop"])
-        settings = cls(**values)
-        settings.validate()
-        return settings
-
-
-_SETTING_NAMES = {f.name for f in dataclasses.fields(SamplingSettings)}
 
 
 @dataclass
@@ -296,7 +251,6 @@ class Sampler:
     def stream(self, prompt_ids: Sequence[int], settings: SamplingSettings, generator: torch.Generator,
                reporter: Reporter = NullReporter()) -> Generation:
         """Start sampling; iterate the returned Generation for Chunks, then read its ``result``."""
-        settings.validate()
         prompt = [int(i) for i in prompt_ids]
         if not prompt:
             raise UsageError("the prompt is empty: give at least one token (encode_prompt adds <s>)")

@@ -12,7 +12,8 @@ from hetlm.decode import Decoder, Decoding, Int8Weight, int8_mm
 from hetlm.errors import UsageError
 from hetlm.model import KVCache, Transformer
 from hetlm.planner import detect_inventory, load_inventory, make_plan
-from hetlm.sampling import Sampler, SamplingSettings, encode_prompt, make_generator
+from hetlm.sampling import Sampler, encode_prompt, make_generator
+from hetlm.sampling_settings import SamplingSettings
 
 MIXED = "def naïve(x):\n    return '中文字符' + \"😀🎉\"  # ok ✓\n"
 INVENTORIES = Path(__file__).parent / "inventories"

@@ -1,3 +1,4 @@
+import dataclasses
 import io
 import random
 
@@ -5,20 +6,20 @@ import pytest
 import torch
 
 from hetlm.checkpoint import load_checkpoint
-from hetlm.config import ModelConfig, SampleConfig
-from hetlm.errors import UsageError
+from hetlm.config import ModelConfig, SampleConfig, load_config
+from hetlm.errors import ConfigError, UsageError
 from hetlm.model import Transformer
 from hetlm.reporting import Reporter
 from hetlm.sampling import (
     IncrementalDetokenizer,
     Sampler,
-    SamplingSettings,
     StopStringFilter,
     _SampleState,
     encode_prompt,
     make_generator,
     sample_next,
 )
+from hetlm.sampling_settings import SamplingError, SamplingSettings
 
 MIXED = "def naïve(x):\n    return '中文字符' + \"😀🎉\"  # ok ✓\n"
 
@@ -200,13 +201,37 @@ def test_eos_ends_a_sample_and_is_not_part_of_it(tokenizer, trained):
     assert state.completion(0).token_ids == ids
 
 
-def test_settings_are_validated():
-    for bad in ({"temperature": -1}, {"top_k": -1}, {"top_p": 0}, {"top_p": 1.5}, {"max_new_tokens": 0},
-                {"num_samples": 0}, {"stop": ("",)}, {"temperature": float("nan")}):
-        with pytest.raises(UsageError):
-            SamplingSettings(**bad).validate()
+# Each sampling rule, stated once: (field, a value that breaks it, the message wherever the value comes from).
+BROKEN_RULES = [
+    ("max_new_tokens", 0, "max_new_tokens must be at least 1, got 0"),
+    ("temperature", -1.5, "temperature must be a finite number >= 0 (0 = greedy), got -1.5"),
+    ("temperature", float("nan"), "temperature must be a finite number >= 0 (0 = greedy), got nan"),
+    ("temperature", float("inf"), "temperature must be a finite number >= 0 (0 = greedy), got inf"),
+    ("top_k", -1, "top_k must be >= 0 (0 = off), got -1"),
+    ("top_p", 0.0, "top_p must be in (0, 1], got 0.0"),
+    ("top_p", 1.5, "top_p must be in (0, 1], got 1.5"),
+    ("num_samples", 0, "num_samples must be at least 1, got 0"),
+    ("stop", ("",), "stop must not contain an empty string"),
+]
+
+
+@pytest.mark.parametrize(("name", "value", "message"), BROKEN_RULES)
+def test_settings_are_checked_when_built(name, value, message):
+    with pytest.raises(SamplingError) as caught:
+        SamplingSettings(**{name: value})
+    assert (caught.value.name, str(caught.value)) == (name, message)
+    assert caught.value.message("sample." + name) == "sample." + message
+    if name in {f.name for f in dataclasses.fields(SampleConfig)}:
+        # The config's sample section obeys the same rules, under its own key.
+        with pytest.raises(ConfigError) as config_error:
+            load_config(None, [f"sample.{name}={value}"])
+        assert str(config_error.value) == "sample." + message
+
+
+def test_settings_from_the_config():
     settings = SamplingSettings.from_config(SampleConfig(temperature=0.5, top_k=9), top_k=None, stop=["a"])
     assert (settings.temperature, settings.top_k, settings.stop) == (0.5, 9, ("a",))
+    assert SamplingSettings(stop=["x"]).stop == ("x",)
 
 
 def test_bad_prompts_are_refused(trained, tokenizer):
@@ -253,17 +278,26 @@ def test_cli_generate_seed_stop_and_samples(cli, tiny_checkpoint):
 def test_cli_generate_bad_input(cli, tiny_checkpoint, tmp_path):
     not_a_run = tmp_path / "empty"
     not_a_run.mkdir()
+    def rule(name, value):
+        return next(message for n, v, message in BROKEN_RULES if (n, v) == (name, value))
+
     cases = [
-        (not_a_run,), (tmp_path / "missing",),
-        (tiny_checkpoint, "--temperature", "-1"), (tiny_checkpoint, "--top-p", "0"), (tiny_checkpoint, "--top-p", "1.5"),
-        (tiny_checkpoint, "--top-k", "-2"), (tiny_checkpoint, "--max-new-tokens", "0"), (tiny_checkpoint, "--num-samples", "0"),
-        (tiny_checkpoint, "--stop", ""), (tiny_checkpoint, "--prompt", "a", "--prompt-file", tmp_path / "p.txt"),
-        (tiny_checkpoint, "--prompt-file", tmp_path / "missing.txt"), (tiny_checkpoint, "stray"),
-        (tiny_checkpoint, "--set", "model.d_model=8"), (tiny_checkpoint, "--set", "sample.top_p=2"),
-        (tiny_checkpoint, "--quantize", "int4"),
+        ((not_a_run,), None), ((tmp_path / "missing",), None),
+        ((tiny_checkpoint, "--temperature", "-1.5"), rule("temperature", -1.5)),
+        ((tiny_checkpoint, "--top-p", "0"), rule("top_p", 0.0)), ((tiny_checkpoint, "--top-p", "1.5"), rule("top_p", 1.5)),
+        ((tiny_checkpoint, "--top-k", "-1"), rule("top_k", -1)),
+        ((tiny_checkpoint, "--max-new-tokens", "0"), rule("max_new_tokens", 0)),
+        ((tiny_checkpoint, "--num-samples", "0"), rule("num_samples", 0)), ((tiny_checkpoint, "--stop", ""), rule("stop", ("",))),
+        ((tiny_checkpoint, "--prompt", "a", "--prompt-file", tmp_path / "p.txt"), None),
+        ((tiny_checkpoint, "--prompt-file", tmp_path / "missing.txt"), None), ((tiny_checkpoint, "stray"), None),
+        ((tiny_checkpoint, "--set", "model.d_model=8"), None),
+        ((tiny_checkpoint, "--set", "sample.top_p=2"), "sample.top_p must be in (0, 1], got 2.0"),
+        ((tiny_checkpoint, "--quantize", "int4"), None),
     ]
-    for args in cases:
+    for args, message in cases:
         result = cli("generate", *args)
         assert result.code == 2, (args, result.err)
         assert "error" in result.err and "Traceback" not in result.err
+        # A sampling value is refused with the message its rule has everywhere (the server's 400 included).
+        assert message is None or f"error: {message}\n" in result.err, (args, result.err)
         assert result.out == ""
