@@ -7,7 +7,7 @@ generation (a streaming client that went away) stops at its next step. Requests 
 ones wait in a bounded queue; past that the server answers 503 instead of piling up work.
 
 Endpoints: ``GET /health`` (no key), ``GET /v1/models``, ``POST /v1/completions``,
-``POST /v1/chat/completions``. Chat messages go through ``hetlm.deploy.render_chat``. Sampling is
+``POST /v1/chat/completions``. Chat messages go through ``hetlm.chat.render_chat``. Sampling is
 ``hetlm.sampling.Sampler``'s: a prompt must fit the context, but ``max_tokens`` may run past it (the
 window slides).
 """
@@ -33,9 +33,9 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from hetlm.chat import CHAT_ROLES, CHAT_STOP, render_chat
 from hetlm.checkpoint import LoadedModel
 from hetlm.config import SampleConfig, ServeConfig
-from hetlm.deploy import CHAT_ROLES, CHAT_STOP, render_chat
 from hetlm.errors import HetlmError
 from hetlm.planner import Plan
 from hetlm.reporting import NullReporter, Reporter
