@@ -24,7 +24,7 @@ import uvicorn
 
 from hetlm.decode import Int8Weight
 from hetlm.planner import detect_inventory, make_plan
-from hetlm.serve import bind_warning, create_app
+from hetlm.serve.app import bind_warning, create_app
 
 NAME = "tiny"
 KEY = "sk-test-key"
@@ -261,7 +261,7 @@ def test_disconnected_stream_stops_its_generation(loaded):
             deadline = time.monotonic() + 10
             # Either the job waits for the model, cancelled, or the engine thread (scheduled late on a busy
             # machine) met it already cancelled and dropped it: both mean no step ran after the hang-up.
-            while not (engine.active and engine.active[0].cancelled.is_set()) and not engine.stats["cancelled"]:
+            while not (engine.active and engine.active[0].cancelled) and not engine.stats["cancelled"]:
                 assert time.monotonic() < deadline, "the server did not notice the disconnect"
                 time.sleep(0.01)
         while engine.in_flight:
