@@ -202,7 +202,7 @@ class SampleConfig:
 
     def validate(self) -> None:
         _check(self.quantize in QUANTIZE_CHOICES, f"sample.quantize must be one of {', '.join(QUANTIZE_CHOICES)}")
-        # The sampling values obey the rules every sampling parameter does, wherever it comes from.
+        # The rules live with SamplingSettings, so a config, generate's options and a request refuse a value alike.
         try:
             SamplingSettings.from_config(self)
         except SamplingError as exc:
