@@ -41,7 +41,10 @@ import torch
 from hetlm.config import Config, ModelConfig
 from hetlm.model import Transformer, parameter_counts
 from hetlm.planner import detect_inventory, make_plan
-from hetlm.sampling import Sampler, SamplingSettings, make_generator
+from hetlm.preprocess import stdlib_root
+from hetlm.sampling import Sampler, make_generator
+from hetlm.sampling_settings import SamplingSettings
+from hetlm.tokenizer import train_tokenizer, training_sentences
 
 SHAPES = {
     "baby": {"n_layers": 4, "n_heads": 4, "d_model": 128},
@@ -52,9 +55,6 @@ VOCAB = 4096
 
 
 def train_bench_tokenizer(work: Path):
-    from hetlm.preprocess import stdlib_root
-    from hetlm.tokenizer import train_tokenizer, training_sentences
-
     text = "".join(p.read_text(encoding="utf-8") for p in sorted(stdlib_root().glob("*.py"))[:120])
     return train_tokenizer(training_sentences(text), VOCAB)
 

@@ -24,6 +24,7 @@ import yaml
 
 from hetlm.errors import ConfigError
 from hetlm.io import atomic_write_text
+from hetlm.sampling_settings import SamplingError, SamplingSettings
 
 TOKENIZERS = ("bpe", "unigram")
 DEVICES = ("auto", "cpu", "mps", "cuda", "cuda:N")
@@ -206,11 +207,12 @@ class SampleConfig:
                 "on the CPU for larger models; opt-in, as it changes the logits", QUANTIZE_CHOICES)
 
     def validate(self) -> None:
-        _check(self.max_new_tokens > 0, "sample.max_new_tokens must be positive")
         _check(self.quantize in QUANTIZE_CHOICES, f"sample.quantize must be one of {', '.join(QUANTIZE_CHOICES)}")
-        _check(self.temperature >= 0, "sample.temperature must be >= 0 (0 = greedy)")
-        _check(self.top_k >= 0, "sample.top_k must be >= 0 (0 = off)")
-        _check(0 < self.top_p <= 1, "sample.top_p must be in (0, 1]")
+        # The rules live with SamplingSettings, so a config, generate's options and a request refuse a value alike.
+        try:
+            SamplingSettings.from_config(self)
+        except SamplingError as exc:
+            raise ConfigError(exc.message(f"sample.{exc.name}")) from None
 
 
 @dataclass

@@ -24,6 +24,7 @@ from typing import Any
 from safetensors.torch import save_file
 
 from hetlm import __version__
+from hetlm.chat import CHAT_TEMPLATE
 from hetlm.config import Config
 from hetlm.errors import HetlmError, UsageError
 from hetlm.io import sha256_file
@@ -43,28 +44,10 @@ from hetlm.tokenizer import SPECIAL_IDS
 
 HF_DTYPE_NAMES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 
-# The template the server renders chat messages with. The model is a base model, so the roles are plain
-# text labels it can pick up from a few examples; the same template goes into tokenizer_config.json so
-# transformers' apply_chat_template gives the same text.
-CHAT_ROLES = {"system": "System", "developer": "System", "user": "User", "assistant": "Assistant"}
-CHAT_TEMPLATE = (
-    "{% for message in messages %}"
-    "{% if message['role'] in ('system', 'developer') %}{{ 'System: ' }}"
-    "{% elif message['role'] == 'user' %}{{ 'User: ' }}"
-    "{% else %}{{ 'Assistant: ' }}{% endif %}"
-    "{{ message['content'] }}{{ '\n\n' }}"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}{{ 'Assistant:' }}{% endif %}"
-)
-CHAT_STOP = ["\nUser:", "\nSystem:"]
 # The eval.json figures the model card shows, when present.
 CARD_METRICS = ("loss", "perplexity", "bits_per_byte", "bits_per_char", "tokens")
 
 
-def render_chat(messages: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
-    """Messages ({"role", "content"}) as one prompt: "Role: content" blocks separated by blank lines."""
-    text = "".join(f"{CHAT_ROLES[m['role']]}: {m['content']}\n\n" for m in messages)
-    return text + "Assistant:" if add_generation_prompt else text
 
 
 def hf_config(config: Config, dtype: str) -> dict[str, Any]:

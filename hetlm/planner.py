@@ -23,9 +23,9 @@ from typing import Any
 import torch
 
 from hetlm.config import Config, ModelConfig, parse_duration
+from hetlm.decode import INT8_WIDTH_MULTIPLE, Decoding
 from hetlm.errors import HetlmError, UsageError
 from hetlm.model import flops_per_token, parameter_counts
-from hetlm.sampling import INT8_WIDTH_MULTIPLE
 
 WORKLOADS = ("train", "infer", "preprocess")
 INVENTORY_ENV = "HETLM_INVENTORY"
@@ -376,6 +376,18 @@ class Plan:
     def decode_dtype(self) -> torch.dtype:
         """The dtype single-token steps compute in: fp32 for int8 weights (only the products read int8)."""
         return _DTYPES.get(self.decode_weights) or torch.float32
+
+    def decoding(self, device: torch.device) -> Decoding:
+        """How sampling runs a model that sits on ``device`` under this plan.
+
+        On the CPU prefill stays fp32 whatever the plan's dtype, like the steps there (``_choose_decode_weights``),
+        so CPU sampling is full precision unless int8 weights are asked for. A plan made for another kind of
+        device (a CUDA plan for a model left on the CPU) says nothing about the steps on this one.
+        """
+        prefill = self.autocast_dtype if device.type != "cpu" else None
+        if device.type != self.torch_device.type:
+            return Decoding(prefill_autocast=prefill)
+        return Decoding(prefill_autocast=prefill, dtype=self.decode_dtype, int8=self.decode_weights == "int8")
 
     @property
     def fits(self) -> bool:

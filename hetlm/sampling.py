@@ -11,30 +11,27 @@ newest ``context_length // 2`` tokens are prefilled again into a fresh cache at 
 between half and all of the window. The no-cache path slides at the same steps, so both paths
 condition on exactly the same tokens.
 
-Batch-1 decoding is bound by per-operation overhead (and, for larger models, by reading the
-weights), not arithmetic. So single-token steps do not go through ``Transformer.forward``: a
-``Sampler`` prepares the weights once for them (see ``_FastDecoder``) and a step runs about 30 tensor
-operations per layer instead of about 60. Prefill and the no-cache path use the model itself; the
-tests check that a step's logits match the model's and that both paths give the same greedy tokens.
+Prefill and the no-cache path run the model itself; single-token steps on the cache run a
+``hetlm.decode.Decoder``, which a ``Sampler`` builds once. The tests check that both paths give the
+same greedy tokens.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
-import math
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import TYPE_CHECKING, Any
 
 import torch
-import torch.nn.functional as F
 
-from hetlm.config import SampleConfig
+from hetlm.decode import Decoder, Decoding
 from hetlm.errors import UsageError
 from hetlm.model import KVCache, Transformer
 from hetlm.reporting import NullReporter, Reporter
+from hetlm.sampling_settings import SamplingSettings
 
 if TYPE_CHECKING:
     from hetlm.planner import Plan
@@ -43,50 +40,6 @@ if TYPE_CHECKING:
 # neighbour (a byte sequence, a leading-space rule) comes out as in a decode of the whole text.
 DETOKENIZER_CONTEXT = 8
 REPLACEMENT = "\ufffd"
-
-
-@dataclass(frozen=True)
-class SamplingSettings:
-    """How to sample. temperature 0 is greedy; top_k 0 and top_p 1 switch those filters off."""
-
-    max_new_tokens: int = 256
-    temperature: float = 0.8
-    top_k: int = 0
-    top_p: float = 1.0
-    # The text ends just before the first occurrence of any of these.
-    stop: tuple[str, ...] = ()
-    num_samples: int = 1
-    # Keep going after </s> (benchmarks that need an exact number of tokens).
-    ignore_eos: bool = False
-    use_cache: bool = True
-
-    def validate(self) -> None:
-        if self.max_new_tokens < 1:
-            raise UsageError(f"max new tokens must be at least 1, got {self.max_new_tokens}")
-        if not (self.temperature >= 0 and math.isfinite(self.temperature)):
-            raise UsageError(f"temperature must be a finite number >= 0 (0 = greedy), got {self.temperature}")
-        if self.top_k < 0:
-            raise UsageError(f"top-k must be >= 0 (0 = off), got {self.top_k}")
-        if not 0 < self.top_p <= 1:
-            raise UsageError(f"top-p must be in (0, 1], got {self.top_p}")
-        if self.num_samples < 1:
-            raise UsageError(f"number of samples must be at least 1, got {self.num_samples}")
-        if any(not s for s in self.stop):
-            raise UsageError("stop strings must not be empty")
-
-    @classmethod
-    def from_config(cls, sample: SampleConfig, **overrides: Any) -> SamplingSettings:
-        """Settings from the config's ``sample`` section; ``overrides`` that are None keep the config's value."""
-        values = {f.name: getattr(sample, f.name) for f in dataclasses.fields(sample) if f.name in _SETTING_NAMES}
-        values.update({k: v for k, v in overrides.items() if v is not None})
-        if "stop" in values:
-            values["stop"] = tuple(values["stop"])
-        settings = cls(**values)
-        settings.validate()
-        return settings
-
-
-_SETTING_NAMES = {f.name for f in dataclasses.fields(SamplingSettings)}
 
 
 @dataclass
@@ -267,148 +220,28 @@ class StopStringFilter:
         return out
 
 
-# torch's int8 kernel gives wrong numbers, or crashes, unless a matrix's inner width is a multiple of this.
-INT8_WIDTH_MULTIPLE = 16
-
-
-class Int8Weight(NamedTuple):
-    """A matrix stored for ``torch.ops.aten._weight_int8pack_mm``: values (out, in) and one scale per output row."""
-
-    values: torch.Tensor  # int8
-    scales: torch.Tensor  # bf16, the kernel's scale dtype for bf16 inputs
-
-    @classmethod
-    def quantize(cls, matrix: torch.Tensor) -> Int8Weight:
-        """matrix (in, out), as ``torch.mm`` takes it -> symmetric int8 with a scale per output channel."""
-        if matrix.shape[0] % INT8_WIDTH_MULTIPLE:
-            raise UsageError(f"int8 weights need inner widths that are multiples of {INT8_WIDTH_MULTIPLE}, "
-                             f"got a {matrix.shape[0]} x {matrix.shape[1]} matrix")
-        rows = matrix.t().float()
-        # Rounded to bf16 first, so the int8 values are computed against the scale the kernel will use.
-        scales = (rows.abs().amax(dim=1) / 127).clamp(min=1e-12).to(torch.bfloat16)
-        values = torch.round(rows / scales.float()[:, None]).clamp(-127, 127).to(torch.int8)
-        return cls(values.contiguous(), scales)
-
-
-def _int8_mm(x: torch.Tensor, weight: Int8Weight) -> torch.Tensor:
-    # The kernel is fast for bf16 inputs only (about 10x slower for fp32); its output is bf16.
-    return torch.ops.aten._weight_int8pack_mm(x.to(torch.bfloat16), weight.values, weight.scales).float()
-
-
-def _int8_addmm(x: torch.Tensor, h: torch.Tensor, weight: Int8Weight) -> torch.Tensor:
-    return x + torch.ops.aten._weight_int8pack_mm(h.to(torch.bfloat16), weight.values, weight.scales)
-
-
-class _FastDecoder:
-    """One-token steps on a KVCache with weights prepared for them (see the module docstring).
-
-    Queries, keys and values come from one matmul, gate and up from another, with the weights
-    transposed once for ``torch.mm``. An RMSNorm's weight (and the sqrt(D) of its mean) scales the next
-    matmul's inputs, so it lives in that matrix and what is left of the norm is
-    ``x / sqrt(|x|^2 + D * eps)``: one vector norm and one hypot. RoPE is linear, so the 1/sqrt(head_dim)
-    attention scale lives in the query weights; with each head seen as (2, E/2), rotate_half(x) * sin is
-    x.flip(halves) * [-sin, sin].
-    (Computing rotate_half with extra matmul columns saves an operation but reads 15% more weights per
-    token at d_model 384, where reading the weights is what takes the time.)
-
-    With ``int8``, those prepared matrices are quantized (``Int8Weight``) and the products read a quarter
-    of the bytes, with bf16 inputs; the residual stream, norms, attention and the cache stay fp32.
-    """
-
-    @torch.no_grad()
-    def __init__(self, model: Transformer, dtype: torch.dtype, int8: bool = False) -> None:
-        config = model.config
-        self.n_heads, self.kv_heads, self.head_dim = config.n_heads, config.kv_heads, config.head_dim
-        self.d_model = config.d_model
-        E, D = self.head_dim, self.d_model
-        self.dtype = dtype
-        self.norm_floor = torch.tensor(math.sqrt(D * config.norm_eps), dtype=dtype, device=model.rope_cos.device)
-        self.mm, self.addmm = (_int8_mm, _int8_addmm) if int8 else (torch.mm, torch.addmm)
-
-        def prepare(weight: torch.Tensor, norm: torch.Tensor | None = None) -> torch.Tensor | Int8Weight:
-            # (out, in) -> (in, out) for x @ W; a norm's weight and sqrt(D) are folded into the rows it scales.
-            if norm is not None:
-                weight = weight * (norm * math.sqrt(D))
-            matrix = weight.to(dtype).t().contiguous()
-            return Int8Weight.quantize(matrix) if int8 else matrix
-
-        self.layers = []
-        for block in model.model.layers:
-            attn, mlp = block.self_attn, block.mlp
-            qkv = torch.cat([attn.q_proj.weight / math.sqrt(E), attn.k_proj.weight, attn.v_proj.weight])
-            self.layers.append((
-                prepare(qkv, block.input_layernorm.weight),
-                prepare(attn.o_proj.weight),
-                prepare(torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]), block.post_attention_layernorm.weight),
-                prepare(mlp.down_proj.weight),
-            ))
-        self.embed = model.model.embed_tokens.weight.detach().to(dtype)
-        self.head = prepare(model.lm_head.weight, model.model.norm.weight)
-        half = E // 2
-        self.cos = model.rope_cos.to(dtype).view(-1, 2, half)  # (context, 2, E/2)
-        self.sin = torch.cat([-model.rope_sin[:, :half], model.rope_sin[:, half:]], dim=-1).to(dtype).view(-1, 2, half)
-
-    def _normalized(self, x: torch.Tensor) -> torch.Tensor:
-        return x / torch.hypot(torch.linalg.vector_norm(x, dim=-1, keepdim=True), self.norm_floor)
-
-    def flat_cache(self, cache: KVCache) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-        """Per layer: the (2, B, K, T, E) keys-and-values tensor, and its keys and values seen as (B*K, T, E)
-        (one matrix product per key/value head)."""
-        return [(kv, kv[0].flatten(0, 1), kv[1].flatten(0, 1)) for kv in cache.layers]
-
-    def step(self, tokens: torch.Tensor, cache: KVCache, flat: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
-             ) -> torch.Tensor:
-        """tokens (B,) at position cache.length -> logits (B, V) in fp32; ``flat`` is ``flat_cache(cache)``."""
-        B, H, K, E, D = tokens.shape[0], self.n_heads, self.kv_heads, self.head_dim, self.d_model
-        pos = cache.length
-        end = pos + 1
-        low = self.dtype != torch.float32
-        x = F.embedding(tokens, self.embed)  # (B, D)
-        cos, sin = self.cos[pos], self.sin[pos]  # (2, E/2)
-        for (qkv_w, o_w, gate_up_w, down_w), (kv, keys, values) in zip(self.layers, flat, strict=True):
-            qkv = self.mm(self._normalized(x), qkv_w).view(B, H + 2 * K, 2, E // 2)
-            qk = qkv[:, : H + K]
-            torch.addcmul(qk * cos, qk.flip(2), sin, out=qk)  # RoPE on queries and keys, in place
-            kv[:, :, :, pos] = qkv[:, H:].view(B, 2, K, E).transpose(0, 1)  # (2, B, K, E): this step's k, v
-            # Query heads grouped by the key/value head they share: (B*K, H/K, E).
-            scores = torch.bmm(qkv[:, :H].reshape(B * K, H // K, E), keys[:, :end].transpose(1, 2))  # (B*K, H/K, end)
-            weights = torch.softmax(scores.float(), dim=-1).to(values.dtype) if low else torch.softmax(scores, dim=-1)
-            x = self.addmm(x, torch.bmm(weights, values[:, :end]).view(B, D), o_w)
-            gate, up = self.mm(self._normalized(x), gate_up_w).chunk(2, dim=-1)
-            x = self.addmm(x, F.silu(gate) * up, down_w)
-        cache.length = end
-        logits = self.mm(self._normalized(x), self.head)
-        return logits.float() if low else logits
-
-
 class Sampler:
-    """Samples from one model; build it once and reuse it (the server does): it copies the weights.
+    """Samples from one model; build it once and reuse it (the server does): its decoder copies the weights.
 
-    On an accelerator, prefill runs under the plan's autocast. On the CPU prefill stays fp32 whatever
-    the plan says. Single-token steps read their weights as the plan's ``decode_weights`` says: fp32 on
-    the CPU (at batch 1 the products are matrix-vector ones, which AMX does not speed up), the plan's
-    dtype on an accelerator, or int8 where ``sample.quantize`` asks for it.
-    Without a plan everything runs in fp32 wherever the model is.
+    Prefill's autocast and the steps' weights follow ``plan.decoding`` for the model's device; without a
+    plan everything runs in fp32 wherever the model is.
     """
 
     def __init__(self, model: Transformer, tokenizer: Any, plan: Plan | None = None) -> None:
         self.model = model
         self.tokenizer = tokenizer
         self.device = next(model.parameters()).device
-        self.autocast_dtype = plan.autocast_dtype if plan is not None and self.device.type != "cpu" else None
-        # A plan made for another device (a CUDA plan for a model left on the CPU) says nothing about this one.
-        planned = plan is not None and plan.torch_device.type == self.device.type
-        self.dtype = plan.decode_dtype if planned else torch.float32
-        self.decoder = _FastDecoder(model, self.dtype, int8=planned and plan.decode_weights == "int8")
+        self.decoding = plan.decoding(self.device) if plan is not None else Decoding()
+        self.decoder = Decoder(model, self.decoding.dtype, self.decoding.int8)
 
     @property
     def context_length(self) -> int:
         return self.model.config.context_length
 
     def _autocast(self) -> contextlib.AbstractContextManager:
-        if self.autocast_dtype is None:
+        if self.decoding.prefill_autocast is None:
             return contextlib.nullcontext()
-        return torch.autocast(device_type=self.device.type, dtype=self.autocast_dtype)
+        return torch.autocast(device_type=self.device.type, dtype=self.decoding.prefill_autocast)
 
     def _forward_last(self, window: torch.Tensor, cache: KVCache | None) -> torch.Tensor:
         with self._autocast():
@@ -418,7 +251,6 @@ class Sampler:
     def stream(self, prompt_ids: Sequence[int], settings: SamplingSettings, generator: torch.Generator,
                reporter: Reporter = NullReporter()) -> Generation:
         """Start sampling; iterate the returned Generation for Chunks, then read its ``result``."""
-        settings.validate()
         prompt = [int(i) for i in prompt_ids]
         if not prompt:
             raise UsageError("the prompt is empty: give at least one token (encode_prompt adds <s>)")
@@ -455,7 +287,7 @@ class Sampler:
         n, window_start = len(prompt), 0
         next_ids = history[:, n - 1]  # the newest ids, fed to the next single-token step
         with torch.inference_mode():
-            cache = KVCache(self.model.config, B, self.device, self.dtype) if settings.use_cache else None
+            cache = KVCache(self.model.config, B, self.device, self.decoding.dtype) if settings.use_cache else None
             flat = self.decoder.flat_cache(cache) if cache is not None else []
 
         samples = [_SampleState(self.tokenizer, prompt, settings.stop) for _ in range(B)]
@@ -563,17 +395,3 @@ class Generation:
         close = getattr(self._steps, "close", None)
         if close is not None:
             close()
-
-
-def stream_generate(model: Transformer, tokenizer: Any, prompt_ids: Sequence[int], settings: SamplingSettings,
-                    generator: torch.Generator, plan: Plan | None = None,
-                    reporter: Reporter = NullReporter()) -> Generation:
-    """Sample from ``model`` once; for repeated calls build a ``Sampler`` and reuse it."""
-    return Sampler(model, tokenizer, plan).stream(prompt_ids, settings, generator, reporter)
-
-
-def generate(model: Transformer, tokenizer: Any, prompt_ids: Sequence[int], settings: SamplingSettings,
-             generator: torch.Generator, plan: Plan | None = None,
-             reporter: Reporter = NullReporter()) -> GenerationResult:
-    """Sample without streaming: the whole result at once."""
-    return Sampler(model, tokenizer, plan).generate(prompt_ids, settings, generator, reporter)

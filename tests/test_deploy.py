@@ -10,7 +10,8 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from hetlm.deploy import deploy, render_chat
+from hetlm.chat import render_chat
+from hetlm.deploy import deploy
 from hetlm.errors import UsageError
 from hetlm.io import sha256_file
 from hetlm.store import BUNDLE_MANIFEST, load_checkpoint, resolve

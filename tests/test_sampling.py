@@ -1,25 +1,24 @@
+import dataclasses
+import io
 import random
-from pathlib import Path
 
 import pytest
 import torch
-import torch.nn.functional as F
 
-from hetlm.config import Config, ModelConfig, SampleConfig
-from hetlm.errors import UsageError
-from hetlm.model import KVCache, Transformer
+from hetlm.config import ModelConfig, SampleConfig, load_config
+from hetlm.errors import ConfigError, UsageError
+from hetlm.model import Transformer
 from hetlm.reporting import Reporter
 from hetlm.sampling import (
     IncrementalDetokenizer,
-    Int8Weight,
     Sampler,
-    SamplingSettings,
     StopStringFilter,
-    _int8_mm,
+    _SampleState,
     encode_prompt,
     make_generator,
     sample_next,
 )
+from hetlm.sampling_settings import SamplingError, SamplingSettings
 from hetlm.store import load_checkpoint
 
 MIXED = "def naïve(x):\n    return '中文字符' + \"😀🎉\"  # ok ✓\n"
@@ -55,25 +54,6 @@ def test_greedy_with_cache_equals_without(which, request, tokenizer):
         assert cached.completions[0].token_ids == plain.completions[0].token_ids
         assert len(cached.completions[0].token_ids) == 3 * ctx
         assert cached.slides >= 4 and cached.slides == plain.slides
-
-
-@pytest.mark.parametrize("tied", [True, False])
-def test_single_token_steps_match_the_model(trained, tokenizer, tied):
-    model = trained
-    if not tied:
-        torch.manual_seed(2)
-        model = Transformer(ModelConfig(n_layers=2, d_model=64, n_heads=8, n_kv_heads=2, context_length=64,
-                                        tie_embeddings=False, vocab_size=tokenizer.vocab_size)).eval()
-    sampler = Sampler(model, tokenizer)
-    ids = torch.tensor([encode_prompt(tokenizer, MIXED)[:40]])
-    with torch.inference_mode():
-        cache = KVCache(model.config, 1, torch.device("cpu"), torch.float32)
-        model(ids[:, :10], cache=cache)
-        full, _ = model(ids)
-        flat = sampler.decoder.flat_cache(cache)
-        for t in range(10, 40):
-            step = sampler.decoder.step(ids[:, t], cache, flat)
-            torch.testing.assert_close(step, full[:, t], atol=1e-4, rtol=1e-4)
 
 
 def test_seeded_sampling_is_reproducible(trained, tokenizer):
@@ -212,8 +192,6 @@ def test_long_prompt_is_cut_from_the_left_with_a_warning(trained, tokenizer):
 
 
 def test_eos_ends_a_sample_and_is_not_part_of_it(tokenizer, trained):
-    from hetlm.sampling import _SampleState
-
     state = _SampleState(tokenizer, [tokenizer.bos_id], ())
     ids = tokenizer.encode("x = 1")
     chunks = [state.add(0, i, tokenizer.eos_id, last=False) for i in ids]
@@ -223,13 +201,37 @@ def test_eos_ends_a_sample_and_is_not_part_of_it(tokenizer, trained):
     assert state.completion(0).token_ids == ids
 
 
-def test_settings_are_validated():
-    for bad in ({"temperature": -1}, {"top_k": -1}, {"top_p": 0}, {"top_p": 1.5}, {"max_new_tokens": 0},
-                {"num_samples": 0}, {"stop": ("",)}, {"temperature": float("nan")}):
-        with pytest.raises(UsageError):
-            SamplingSettings(**bad).validate()
+# Each sampling rule, stated once: (field, a value that breaks it, the message wherever the value comes from).
+BROKEN_RULES = [
+    ("max_new_tokens", 0, "max_new_tokens must be at least 1, got 0"),
+    ("temperature", -1.5, "temperature must be a finite number >= 0 (0 = greedy), got -1.5"),
+    ("temperature", float("nan"), "temperature must be a finite number >= 0 (0 = greedy), got nan"),
+    ("temperature", float("inf"), "temperature must be a finite number >= 0 (0 = greedy), got inf"),
+    ("top_k", -1, "top_k must be >= 0 (0 = off), got -1"),
+    ("top_p", 0.0, "top_p must be in (0, 1], got 0.0"),
+    ("top_p", 1.5, "top_p must be in (0, 1], got 1.5"),
+    ("num_samples", 0, "num_samples must be at least 1, got 0"),
+    ("stop", ("",), "stop must not contain an empty string"),
+]
+
+
+@pytest.mark.parametrize(("name", "value", "message"), BROKEN_RULES)
+def test_settings_are_checked_when_built(name, value, message):
+    with pytest.raises(SamplingError) as caught:
+        SamplingSettings(**{name: value})
+    assert (caught.value.name, str(caught.value)) == (name, message)
+    assert caught.value.message("sample." + name) == "sample." + message
+    if name in {f.name for f in dataclasses.fields(SampleConfig)}:
+        # The config's sample section obeys the same rules, under its own key.
+        with pytest.raises(ConfigError) as config_error:
+            load_config(None, [f"sample.{name}={value}"])
+        assert str(config_error.value) == "sample." + message
+
+
+def test_settings_from_the_config():
     settings = SamplingSettings.from_config(SampleConfig(temperature=0.5, top_k=9), top_k=None, stop=["a"])
     assert (settings.temperature, settings.top_k, settings.stop) == (0.5, 9, ("a",))
+    assert SamplingSettings(stop=["x"]).stop == ("x",)
 
 
 def test_bad_prompts_are_refused(trained, tokenizer):
@@ -253,8 +255,6 @@ def test_cli_generate_streams_text_and_reports_stats(cli, tiny_checkpoint, token
     prompt_file = tmp_path / "prompt.txt"
     prompt_file.write_text("def 中文 😀", encoding="utf-8")
     assert cli(*args, "--prompt-file", prompt_file).out == streamed.out
-    import io
-
     monkeypatch.setattr("sys.stdin", io.StringIO("def 中文 😀"))
     assert cli(*args, "-").out == streamed.out
 
@@ -278,100 +278,26 @@ def test_cli_generate_seed_stop_and_samples(cli, tiny_checkpoint):
 def test_cli_generate_bad_input(cli, tiny_checkpoint, tmp_path):
     not_a_run = tmp_path / "empty"
     not_a_run.mkdir()
+    def rule(name, value):
+        return next(message for n, v, message in BROKEN_RULES if (n, v) == (name, value))
+
     cases = [
-        (not_a_run,), (tmp_path / "missing",),
-        (tiny_checkpoint, "--temperature", "-1"), (tiny_checkpoint, "--top-p", "0"), (tiny_checkpoint, "--top-p", "1.5"),
-        (tiny_checkpoint, "--top-k", "-2"), (tiny_checkpoint, "--max-new-tokens", "0"), (tiny_checkpoint, "--num-samples", "0"),
-        (tiny_checkpoint, "--stop", ""), (tiny_checkpoint, "--prompt", "a", "--prompt-file", tmp_path / "p.txt"),
-        (tiny_checkpoint, "--prompt-file", tmp_path / "missing.txt"), (tiny_checkpoint, "stray"),
-        (tiny_checkpoint, "--set", "model.d_model=8"), (tiny_checkpoint, "--set", "sample.top_p=2"),
-        (tiny_checkpoint, "--quantize", "int4"),
+        ((not_a_run,), None), ((tmp_path / "missing",), None),
+        ((tiny_checkpoint, "--temperature", "-1.5"), rule("temperature", -1.5)),
+        ((tiny_checkpoint, "--top-p", "0"), rule("top_p", 0.0)), ((tiny_checkpoint, "--top-p", "1.5"), rule("top_p", 1.5)),
+        ((tiny_checkpoint, "--top-k", "-1"), rule("top_k", -1)),
+        ((tiny_checkpoint, "--max-new-tokens", "0"), rule("max_new_tokens", 0)),
+        ((tiny_checkpoint, "--num-samples", "0"), rule("num_samples", 0)), ((tiny_checkpoint, "--stop", ""), rule("stop", ("",))),
+        ((tiny_checkpoint, "--prompt", "a", "--prompt-file", tmp_path / "p.txt"), None),
+        ((tiny_checkpoint, "--prompt-file", tmp_path / "missing.txt"), None), ((tiny_checkpoint, "stray"), None),
+        ((tiny_checkpoint, "--set", "model.d_model=8"), None),
+        ((tiny_checkpoint, "--set", "sample.top_p=2"), "sample.top_p must be in (0, 1], got 2.0"),
+        ((tiny_checkpoint, "--quantize", "int4"), None),
     ]
-    for args in cases:
+    for args, message in cases:
         result = cli("generate", *args)
         assert result.code == 2, (args, result.err)
         assert "error" in result.err and "Traceback" not in result.err
+        # A sampling value is refused with the message its rule has everywhere (the server's 400 included).
+        assert message is None or f"error: {message}\n" in result.err, (args, result.err)
         assert result.out == ""
-
-
-@pytest.mark.cuda
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-def test_cuda_plan_decodes_like_the_model(tiny_checkpoint, tokenizer):
-    from hetlm.planner import detect_inventory, make_plan
-
-    loaded = load_checkpoint(tiny_checkpoint, "cuda")
-    config = loaded.config
-    config.device.device = "cuda"
-    plan = make_plan(detect_inventory(), config, workload="infer")
-    sampler = Sampler(loaded.model, tokenizer, plan)
-    ids = torch.tensor([encode_prompt(tokenizer, MIXED)[:40]], device="cuda")
-    with torch.inference_mode():
-        cache = KVCache(loaded.model.config, 1, torch.device("cuda"), sampler.dtype)
-        with plan.autocast():
-            loaded.model(ids[:, :10], cache=cache)
-            full, _ = loaded.model(ids)
-        flat = sampler.decoder.flat_cache(cache)
-        for t in range(10, 40):
-            step = sampler.decoder.step(ids[:, t], cache, flat)
-            torch.testing.assert_close(step, full[:, t].float(), atol=0.15, rtol=0.05)
-    result = sampler.generate(ids[0].tolist(), SamplingSettings(max_new_tokens=100, temperature=0.8),
-                              make_generator(0, "cuda"))
-    assert result.new_tokens > 0 and result.text == "".join(
-        c.text for c in sampler.stream(ids[0].tolist(), SamplingSettings(max_new_tokens=100, temperature=0.8),
-                                       make_generator(0, "cuda")))
-
-
-def test_int8_weights_round_to_their_nearest_step_and_the_kernel_multiplies_them():
-    torch.manual_seed(3)
-    matrix = torch.randn(64, 48)  # (in, out), as torch.mm takes it
-    weight = Int8Weight.quantize(matrix)
-    assert weight.values.dtype == torch.int8 and weight.values.shape == (48, 64)
-    dequantized = (weight.values.float() * weight.scales.float()[:, None]).t()
-    step = weight.scales.float()[None, :]
-    assert torch.all((dequantized - matrix).abs() <= step * 0.51)
-    x = torch.randn(3, 64)
-    torch.testing.assert_close(_int8_mm(x, weight), x.bfloat16().float() @ dequantized, atol=0.05, rtol=0.02)
-
-
-def test_int8_steps_score_text_like_the_model(trained, tokenizer):
-    from hetlm.planner import detect_inventory, make_plan
-
-    config = Config()
-    config.model = trained.config
-    config.sample.quantize = "int8"
-    plan = make_plan(detect_inventory(), config, workload="infer")
-    assert plan.decode_weights == "int8"
-    sampler = Sampler(trained, tokenizer, plan)
-    assert isinstance(sampler.decoder.head, Int8Weight)
-    ids = torch.tensor([encode_prompt(tokenizer, MIXED + "import os\nfor line in open(path):\n    print(line)\n")])
-    n = min(ids.shape[1], trained.config.context_length)
-    with torch.inference_mode():
-        cache = KVCache(trained.config, 1, torch.device("cpu"), torch.float32)
-        trained(ids[:, :1], cache=cache)
-        full, _ = trained(ids[:, :n])
-        flat = sampler.decoder.flat_cache(cache)
-        steps = torch.stack([sampler.decoder.step(ids[:, t], cache, flat)[0] for t in range(1, n - 1)])
-    targets = ids[0, 2:n]
-    quantized_loss = F.cross_entropy(steps, targets)
-    full_loss = F.cross_entropy(full[0, 1:n - 1], targets)
-    assert abs(quantized_loss - full_loss) < 0.01 * full_loss
-    # A batch of samples decodes each row as a batch of one would.
-    prompt = encode_prompt(tokenizer, "def ")
-    alone = sampler.generate(prompt, greedy(40), make_generator(0)).completions[0].token_ids
-    batch = sampler.generate(prompt, greedy(40, num_samples=3), make_generator(0)).completions
-    assert [c.token_ids for c in batch] == [alone] * 3
-
-
-def test_int8_refuses_widths_the_kernel_gets_wrong_and_plans_for_other_devices_are_ignored(tokenizer):
-    from hetlm.planner import detect_inventory, load_inventory, make_plan
-
-    config = Config()
-    config.sample.quantize = "int8"
-    torch.manual_seed(4)
-    odd = Transformer(ModelConfig(n_layers=1, d_model=40, n_heads=4, context_length=16, vocab_size=tokenizer.vocab_size))
-    with pytest.raises(UsageError, match="multiples of 16"):
-        Sampler(odd, tokenizer, make_plan(detect_inventory(), config, workload="infer"))
-    gpu = load_inventory(Path(__file__).parent / "inventories" / "one-8gb-gpu.json")
-    cuda_plan = make_plan(gpu, Config(), workload="infer")
-    assert cuda_plan.decode_weights == "bf16"
-    assert Sampler(odd, tokenizer, cuda_plan).dtype == torch.float32

@@ -22,9 +22,12 @@ import pytest
 import torch
 import uvicorn
 
+from hetlm.decode import Int8Weight
+from hetlm.deploy import deploy
 from hetlm.planner import detect_inventory, make_plan
-from hetlm.sampling import Int8Weight
-from hetlm.serve import bind_warning, create_app
+from hetlm.sampling_settings import SamplingError, SamplingSettings
+from hetlm.serve.app import bind_warning, create_app
+from hetlm.serve.protocol import MAX_CHOICES, MAX_STOP
 
 NAME = "tiny"
 KEY = "sk-test-key"
@@ -154,14 +157,18 @@ def test_raw_sse_format(server):
 
 
 def test_thirty_two_concurrent_clients(client):
-    def ask(i: int) -> str:
+    def ask(i: int) -> tuple[str, str, int]:
         response = client.completions.create(model=NAME, prompt=f"value_{i} = ", max_tokens=4, temperature=0.8, seed=i)
-        assert response.usage.completion_tokens >= 1
-        return response.choices[0].finish_reason
+        choice = response.choices[0]
+        return choice.text, choice.finish_reason, response.usage.completion_tokens
 
+    # Seeded sampling gives the same text whether a request runs alone or among 31 others.
+    alone = [ask(i) for i in range(32)]
     with ThreadPoolExecutor(32) as pool:
-        reasons = list(pool.map(ask, range(32)))
-    assert len(reasons) == 32 and all(r in ("stop", "length") for r in reasons)
+        under_load = list(pool.map(ask, range(32)))
+    assert under_load == alone
+    assert all(reason in ("stop", "length") and tokens >= 1 for _, reason, tokens in alone)
+    assert len({text for text, _, _ in alone}) > 1
 
 
 def test_bad_requests_get_their_status(server, loaded):
@@ -218,6 +225,44 @@ def test_bad_requests_get_their_status(server, loaded):
     assert httpx.post(url + "/v1/completions", json=ok, headers=auth).status_code == 200
 
 
+def test_sampling_parameters_follow_the_samplers_rules_plus_the_api_caps(server, loaded, cli, tiny_checkpoint):
+    url, _ = server
+    ok = {"model": NAME, "prompt": "a", "max_tokens": 2}
+
+    def refused(**changes):
+        response = httpx.post(url + "/v1/completions", json={**ok, **changes}, headers={"Authorization": f"Bearer {KEY}"})
+        assert response.status_code == 400, (changes, response.text)
+        error = response.json()["error"]
+        return error["param"], error["message"]
+
+    def rule(**setting):
+        with pytest.raises(SamplingError) as caught:
+            SamplingSettings(**setting)
+        return caught.value
+
+    # One rule, one message: the server says what generate says, naming the parameter as the API does.
+    for flag, param, value in (("--temperature", "temperature", -1.5), ("--top-p", "top_p", 1.5), ("--top-k", "top_k", -1)):
+        message = str(rule(**{param: value}))
+        assert refused(**{param: value}) == (param, message)
+        generate = cli("generate", tiny_checkpoint, flag, str(value))
+        assert generate.code == 2 and f"error: {message}\n" in generate.err
+    assert refused(max_tokens=0) == ("max_tokens", rule(max_new_tokens=0).message("max_tokens"))
+    assert refused(n=0) == ("n", rule(num_samples=0).message("n"))
+    assert refused(stop=["x", ""]) == ("stop", rule(stop=("",)).message("stop"))
+
+    # What only the API limits: values the sampler itself takes.
+    limit = loaded.config.serve.max_tokens_limit
+    SamplingSettings(temperature=2.5, max_new_tokens=limit + 1, num_samples=MAX_CHOICES + 1, stop=("a",) * (MAX_STOP + 1))
+    assert refused(temperature=2.5) == ("temperature", "temperature must be at most 2 here, got 2.5")
+    assert refused(max_tokens=limit + 1) == ("max_tokens", f"max_tokens must be at most {limit} on this server, got {limit + 1}")
+    assert refused(n=MAX_CHOICES + 1)[0] == "n"
+    assert refused(prompt=["a", "b"], n=MAX_CHOICES // 2 + 1)[0] == "n"
+    assert refused(stop=["a"] * (MAX_STOP + 1))[0] == "stop"
+    assert refused(seed=1 << 64) == ("seed", "seed must fit in 64 bits")
+    assert httpx.post(url + "/v1/completions", json={**ok, "temperature": 2, "seed": (1 << 64) - 1},
+                      headers={"Authorization": f"Bearer {KEY}"}).status_code == 200
+
+
 def test_int8_weights_serve_like_the_model(loaded, tokenizer):
     config = copy.deepcopy(loaded.config)
     config.sample.quantize = "int8"
@@ -261,7 +306,7 @@ def test_disconnected_stream_stops_its_generation(loaded):
             deadline = time.monotonic() + 10
             # Either the job waits for the model, cancelled, or the engine thread (scheduled late on a busy
             # machine) met it already cancelled and dropped it: both mean no step ran after the hang-up.
-            while not (engine.active and engine.active[0].cancelled.is_set()) and not engine.stats["cancelled"]:
+            while not (engine.active and engine.active[0].cancelled) and not engine.stats["cancelled"]:
                 assert time.monotonic() < deadline, "the server did not notice the disconnect"
                 time.sleep(0.01)
         while engine.in_flight:
@@ -276,9 +321,7 @@ def test_bind_warning():
     assert "without an API key" in bind_warning("0.0.0.0", None)
 
 
-def test_serve_cli(tiny_checkpoint, tmp_path, cli):
-    from hetlm.deploy import deploy
-
+def test_serve_cli(tiny_checkpoint, loaded, tokenizer, tmp_path, cli):
     bundle = deploy(tiny_checkpoint, tmp_path / "my-model")
     assert cli("serve", tmp_path / "nothing").code == 2
     bad_port = cli("serve", bundle, "--port", "70000")
@@ -307,7 +350,8 @@ def test_serve_cli(tiny_checkpoint, tmp_path, cli):
                 time.sleep(0.05)
         client = openai.OpenAI(base_url=url + "/v1", api_key=KEY, max_retries=0)
         assert client.models.list().data[0].id == "my-model"
-        assert client.completions.create(model="my-model", prompt="a", max_tokens=2).choices[0].text is not None
+        text = client.completions.create(model="my-model", prompt="a", max_tokens=2, temperature=0).choices[0].text
+        assert text == greedy(loaded, tokenizer, "a", 2)
         assert httpx.get(url + "/v1/models").status_code == 401
     finally:
         process.terminate()

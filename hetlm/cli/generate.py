@@ -14,7 +14,8 @@ from hetlm.cli.loading import TargetArgument, load_for_inference
 from hetlm.cli.options import SetOption, key_help
 from hetlm.cli.render import RichReporter, stderr
 from hetlm.errors import UsageError
-from hetlm.sampling import Sampler, SamplingSettings, encode_prompt, make_generator
+from hetlm.sampling import Sampler, encode_prompt, make_generator
+from hetlm.sampling_settings import SamplingSettings
 from hetlm.tokenizer import Tokenizer
 
 

@@ -15,7 +15,7 @@ from hetlm.cli.render import RichReporter
 from hetlm.errors import HetlmError
 
 try:
-    from hetlm.serve import create_app, run_server
+    from hetlm.serve.app import create_app, run_server
 except ImportError as missing:  # FastAPI and uvicorn are the optional `serve` extra
     SERVE_MISSING: ImportError | None = missing
 else:
