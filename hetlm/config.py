@@ -169,9 +169,25 @@ class DeviceConfig:
         COMPILE_CHOICES)
     threads: int = setting(0, "Torch CPU threads; 0 lets the planner choose")
     prefetch: int = setting(4, "Batches the background loader keeps ready")
+    memory: str = setting(
+        "", "Memory caps per device, e.g. cuda:0=6GiB,cpu=16GiB: the planner takes each as that device's free memory; "
+            "empty = what the device reports")
+    margin: str = setting(
+        "auto", "Memory left free on each device for inference: a share (10%), a size (512MiB), or auto = the larger "
+                "of 10% and 512 MiB")
+    layers: str = setting(
+        "", "Inference layer map, e.g. cuda:0=0-17,cpu=18-23 (blocks per device; embed=DEV and head=DEV name the "
+            "embedding's and the LM head's, else they go with the first and last block); empty = the planner's split")
+    gpu_layers: int = setting(
+        -1, "Inference: this many of the last blocks (and the LM head) on the accelerators, the rest on the CPU, "
+            "like llama.cpp's -ngl; -1 = the planner's split")
+    alias: str = setting(
+        "", "Run a plan made for a simulated inventory on this machine's devices, e.g. cuda:0=cpu,cuda:1=cpu; the "
+            "simulated memory budgets still bind")
 
     def validate(self) -> None:
         _check(self.device in DEVICES or self.device.startswith("cuda:"), f"device.device must be {_either(DEVICES)}")
+        _check(self.gpu_layers >= -1, "device.gpu_layers must be >= 0 (-1 = let the planner choose)")
         _check(self.dtype in DTYPES, f"device.dtype must be {_either(DTYPES)}")
         _check(self.compile in COMPILE_CHOICES, f"device.compile must be {_either(COMPILE_CHOICES)}")
         _check(self.threads >= 0, "device.threads must be >= 0 (0 = let the planner choose)")

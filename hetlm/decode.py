@@ -91,8 +91,15 @@ class Decoder:
         self.d_model = config.d_model
         E, D = self.head_dim, self.d_model
         self.dtype = dtype
-        self.norm_floor = torch.tensor(math.sqrt(D * config.norm_eps), dtype=dtype, device=model.rope_cos.device)
         self.mm, self.addmm = (int8_mm, int8_addmm) if int8 else (torch.mm, torch.addmm)
+        # A model split over devices (Transformer.place) decodes each layer where its weights and cache are.
+        self.devices = model.layer_devices()
+        self.head_device = model.output_device
+        half = E // 2
+        cos = model.rope_cos.to(dtype).view(-1, 2, half)  # (context, 2, E/2)
+        sin = torch.cat([-model.rope_sin[:, :half], model.rope_sin[:, half:]], dim=-1).to(dtype).view(-1, 2, half)
+        floor = torch.tensor(math.sqrt(D * config.norm_eps), dtype=dtype)
+        self.tables = {d: (cos.to(d), sin.to(d), floor.to(d)) for d in {*self.devices, self.head_device}}
 
         def prepare(weight: torch.Tensor, norm: torch.Tensor | None = None) -> torch.Tensor | Int8Weight:
             # (out, in) -> (in, out) for x @ W; a norm's weight and sqrt(D) are folded into the rows it scales.
@@ -113,12 +120,10 @@ class Decoder:
             ))
         self.embed = model.model.embed_tokens.weight.detach().to(dtype)
         self.head = prepare(model.lm_head.weight, model.model.norm.weight)
-        half = E // 2
-        self.cos = model.rope_cos.to(dtype).view(-1, 2, half)  # (context, 2, E/2)
-        self.sin = torch.cat([-model.rope_sin[:, :half], model.rope_sin[:, half:]], dim=-1).to(dtype).view(-1, 2, half)
 
-    def _normalized(self, x: torch.Tensor) -> torch.Tensor:
-        return x / torch.hypot(torch.linalg.vector_norm(x, dim=-1, keepdim=True), self.norm_floor)
+    @staticmethod
+    def _normalized(x: torch.Tensor, floor: torch.Tensor) -> torch.Tensor:
+        return x / torch.hypot(torch.linalg.vector_norm(x, dim=-1, keepdim=True), floor)
 
     def flat_cache(self, cache: KVCache) -> FlatCache:
         """Per layer: the (2, B, K, T, E) keys-and-values tensor, and its keys and values seen as (B*K, T, E)
@@ -131,10 +136,16 @@ class Decoder:
         pos = cache.length
         end = pos + 1
         low = self.dtype != torch.float32
-        x = F.embedding(tokens, self.embed)  # (B, D)
-        cos, sin = self.cos[pos], self.sin[pos]  # (2, E/2)
-        for (qkv_w, o_w, gate_up_w, down_w), (kv, keys, values) in zip(self.layers, flat, strict=True):
-            qkv = self.mm(self._normalized(x), qkv_w).view(B, H + 2 * K, 2, E // 2)
+        x = F.embedding(tokens.to(self.embed.device), self.embed)  # (B, D)
+        device = None
+        for (qkv_w, o_w, gate_up_w, down_w), (kv, keys, values), layer_device in zip(self.layers, flat, self.devices,
+                                                                                      strict=True):
+            if layer_device != device:
+                device = layer_device
+                x = x.to(device, non_blocking=True)
+                cos_table, sin_table, floor = self.tables[device]
+                cos, sin = cos_table[pos], sin_table[pos]  # (2, E/2)
+            qkv = self.mm(self._normalized(x, floor), qkv_w).view(B, H + 2 * K, 2, E // 2)
             qk = qkv[:, : H + K]
             torch.addcmul(qk * cos, qk.flip(2), sin, out=qk)  # RoPE on queries and keys, in place
             kv[:, :, :, pos] = qkv[:, H:].view(B, 2, K, E).transpose(0, 1)  # (2, B, K, E): this step's k, v
@@ -142,8 +153,9 @@ class Decoder:
             scores = torch.bmm(qkv[:, :H].reshape(B * K, H // K, E), keys[:, :end].transpose(1, 2))  # (B*K, H/K, end)
             weights = torch.softmax(scores.float(), dim=-1).to(values.dtype) if low else torch.softmax(scores, dim=-1)
             x = self.addmm(x, torch.bmm(weights, values[:, :end]).view(B, D), o_w)
-            gate, up = self.mm(self._normalized(x), gate_up_w).chunk(2, dim=-1)
+            gate, up = self.mm(self._normalized(x, floor), gate_up_w).chunk(2, dim=-1)
             x = self.addmm(x, F.silu(gate) * up, down_w)
         cache.length = end
-        logits = self.mm(self._normalized(x), self.head)
+        x = x.to(self.head_device, non_blocking=True)
+        logits = self.mm(self._normalized(x, self.tables[self.head_device][2]), self.head)
         return logits.float() if low else logits

@@ -112,7 +112,8 @@ def score_tokens(model: Transformer, tokens: np.ndarray, stride: int = 0, batch_
     """(total NLL in nats, targets scored, windows) of ``tokens``; ``stride`` 0 = non-overlapping windows."""
     context = model.config.context_length
     stride = stride or context
-    device = next(model.parameters()).device
+    # Windows go in at the embedding's device; the scores are summed where the logits come out.
+    device = model.output_device
     autocast = plan.autocast if plan is not None else contextlib.nullcontext
     if plan is not None:
         plan.prepare_model(model)
@@ -192,7 +193,7 @@ def evaluate(model: Transformer, tokenizer: Tokenizer, tokens: np.ndarray, *, so
     context = model.config.context_length
     if stride > context:
         raise UsageError(f"--stride {stride} is larger than the model's context length {context}")
-    device = str(next(model.parameters()).device)
+    device = str(model.output_device)
     dtype = plan.dtype if plan is not None else "fp32"
     reporter.info(f"scoring {len(tokens) - 1:,} tokens ({source}) with {checkpoint or 'the model'} on {device} ({dtype})")
     started = time.perf_counter()

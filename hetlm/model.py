@@ -9,6 +9,7 @@ Shapes: B batch, T sequence, D d_model, H query heads, K key/value heads, E head
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -78,12 +79,17 @@ def apply_dropout(x: torch.Tensor, noise: torch.Tensor, p: float) -> torch.Tenso
 
 
 class KVCache:
-    """Keys and values of earlier positions, per layer, preallocated to the context length."""
+    """Keys and values of earlier positions, per layer, preallocated to the context length.
 
-    def __init__(self, config: ModelConfig, batch_size: int, device: torch.device, dtype: torch.dtype) -> None:
+    ``device`` is one device for every layer, or one per layer (each layer's cache sits with its block).
+    """
+
+    def __init__(self, config: ModelConfig, batch_size: int, device: torch.device | Sequence[torch.device],
+                 dtype: torch.dtype) -> None:
         shape = (2, batch_size, config.kv_heads, config.context_length, config.head_dim)
+        devices = list(device) if isinstance(device, Sequence) else [device] * config.n_layers
         # Keys and values of a layer share one tensor, so a decoding step stores both with one copy.
-        self.layers = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layers)]
+        self.layers = [torch.zeros(shape, device=d, dtype=dtype) for d in devices]
         self.keys = [kv[0] for kv in self.layers]  # each (B, K, context, E)
         self.values = [kv[1] for kv in self.layers]
         self.length = 0
@@ -219,6 +225,9 @@ class Transformer(nn.Module):
         # Not persistent: derived from the config, so checkpoints hold only learned weights.
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
+        # Set by ``place``: each block's device, and the RoPE tables on each of them.
+        self.block_devices: list[torch.device] | None = None
+        self.rope_copies: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -262,6 +271,42 @@ class Transformer(nn.Module):
         model.rope_cos, model.rope_sin = cos, sin
         return model
 
+    @torch.no_grad()
+    def place(self, embed: torch.device, blocks: Sequence[torch.device], head: torch.device) -> None:
+        """Put the embedding, each block (``blocks[i]`` for block i) and the final norm with the LM head on a device
+        each; forward moves the hidden states across. A tied LM head away from the embedding gets its own copy
+        (for inference: the two then no longer train as one)."""
+        blocks = [torch.device(d) for d in blocks]
+        embed, head = torch.device(embed), torch.device(head)
+        self.model.embed_tokens.to(embed)
+        for block, device in zip(self.model.layers, blocks, strict=True):
+            block.to(device)
+        self.model.norm.to(head)
+        if self.config.tie_embeddings and _same(head, embed):
+            self.lm_head.weight = self.model.embed_tokens.weight
+        elif self.config.tie_embeddings:
+            self.lm_head.weight = nn.Parameter(self.model.embed_tokens.weight.detach().to(head), requires_grad=False)
+        else:
+            self.lm_head.to(head)
+        self.rope_cos, self.rope_sin = self.rope_cos.to(head), self.rope_sin.to(head)
+        devices = {str(d): d for d in (*blocks, head)}
+        self.rope_copies = {d: (self.rope_cos.to(d), self.rope_sin.to(d)) for d in devices.values()}
+        self.block_devices = blocks
+
+    @property
+    def input_device(self) -> torch.device:
+        """Where token ids go in: the embedding's device."""
+        return self.model.embed_tokens.weight.device
+
+    @property
+    def output_device(self) -> torch.device:
+        """Where logits come out: the LM head's device."""
+        return self.lm_head.weight.device
+
+    def layer_devices(self) -> list[torch.device]:
+        """Each block's device (where its KV cache belongs)."""
+        return [block.input_layernorm.weight.device for block in self.model.layers]
+
     def set_attention_dtype(self, dtype: torch.dtype | None) -> None:
         """Run attention in ``dtype`` even inside an autocast region (None: autocast decides).
 
@@ -297,25 +342,39 @@ class Transformer(nn.Module):
             raise ValueError(f"sequence of {start + T} tokens exceeds the context length {self.config.context_length}")
         cos = self.rope_cos[start : start + T]  # (T, E)
         sin = self.rope_sin[start : start + T]
-        x = self.model.embed_tokens(idx)  # (B, T, D)
+        x = self.model.embed_tokens(idx.to(self.input_device))  # (B, T, D)
         p = self.config.dropout if self.training else 0.0
         if p:
             x = apply_dropout(x, dropout_noise(x, 1)[0], p)
+        rope_device = self.rope_cos.device
         for i, block in enumerate(self.model.layers):
+            if self.block_devices is not None:
+                device = self.block_devices[i]
+                # At a boundary between devices only the hidden states cross.
+                x = x.to(device, non_blocking=True)
+                if not _same(rope_device, device):
+                    cos, sin = (t[start : start + T] for t in self.rope_copies[device])
+                    rope_device = device
             # The noise is drawn outside the (possibly compiled) block: random numbers drawn inside a compiled
             # CPU graph cost more than the rest of the block.
             x = block(x, cos, sin, cache, i, dropout_noise(x, 2) if p else None)
         if cache is not None:
             cache.length += T
-        x = self.model.norm(x)
+        x = self.model.norm(x.to(self.output_device, non_blocking=True))
         if last_only:
             x = x[:, -1:, :]  # (B, 1, D)
         logits = self.lm_head(x)  # (B, T, V)
         loss = None
         if targets is not None:
             # The loss is taken in fp32 whatever the autocast dtype.
-            loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-100)
+            loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1).to(logits.device),
+                                   ignore_index=-100)
         return logits, loss
+
+
+def _same(a: torch.device, b: torch.device) -> bool:
+    # torch.device("cuda") and torch.device("cuda:0") name the same device once set_device has run.
+    return a.type == b.type and (a.index or 0) == (b.index or 0)
 
 
 def parameter_counts(config: ModelConfig) -> dict[str, int]:

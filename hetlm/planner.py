@@ -25,9 +25,26 @@ import torch
 from hetlm.config import Config, ModelConfig, parse_duration
 from hetlm.decode import INT8_WIDTH_MULTIPLE, Decoding
 from hetlm.errors import HetlmError, UsageError
-from hetlm.model import flops_per_token, parameter_counts
+from hetlm.model import DTYPES, flops_per_token, parameter_counts
+from hetlm.placement import (
+    DeviceSpec,
+    Segment,
+    device_use,
+    fill_from_the_end,
+    layer_map,
+    margin_bytes,
+    parse_aliases,
+    parse_layer_map,
+    parse_memory_caps,
+    part_sizes,
+    prefill_seconds,
+    step_seconds,
+    whole,
+)
 
-WORKLOADS = ("train", "infer", "preprocess")
+# "infer" plans like "generate": one sequence. "eval" and "serve" decode eval.batch_size and serve.max_concurrency.
+INFERENCE = ("infer", "generate", "eval", "serve")
+WORKLOADS = ("train", *INFERENCE, "preprocess")
 INVENTORY_ENV = "HETLM_INVENTORY"
 
 # Without AMX, AVX512-BF16 alone speeds up only large matmuls; below this width the casts around each
@@ -76,6 +93,22 @@ CUDA_PEAKS: tuple[tuple[str, float, float], ...] = (
 )
 # Measured on this project's Xeon (AMX): 2 cores ran bf16 matmuls at 540-640 GFLOP/s and fp32 at 160-250.
 CPU_CORE_PEAK = {"amx": 300e9, "avx512_bf16": 200e9, "avx512": 110e9, "other": 55e9}
+# Nominal memory bandwidth (bytes/s), the cost of a decoding step, by GPU name fragment (first match wins);
+# an inventory's memory_bandwidth, when set, replaces it.
+CUDA_BANDWIDTH: tuple[tuple[str, float], ...] = (
+    ("B200", 8.0e12), ("H200", 4.8e12), ("H100 PCIe", 2.0e12), ("H100", 3.35e12), ("H800", 3.35e12),
+    ("A100-SXM4-80GB", 2.0e12), ("A100", 1.55e12), ("A800", 1.55e12), ("L40", 0.86e12), ("L4", 0.3e12),
+    ("A10", 0.6e12), ("RTX 4090", 1.0e12), ("RTX 4080", 0.72e12), ("RTX 3090", 0.94e12), ("RTX 3080", 0.76e12),
+    ("RTX 3070", 0.45e12), ("RTX 3060", 0.36e12), ("V100", 0.9e12), ("T4", 0.32e12),
+)
+# One core of this project's Xeon read a token's 48 MB of weights at ~23 GB/s; a socket tops out well below
+# cores x that.
+CPU_CORE_BANDWIDTH, CPU_MAX_BANDWIDTH = 23e9, 150e9
+# PCIe 4.0 x16 carries ~25 GB/s of pinned copies each way; a small copy costs ~10 us of launch and sync.
+CUDA_LINK, CUDA_LINK_LATENCY = 25e9, 10e-6
+# Fixed cost of one layer of a decoding step: ~30 small operations. The nanoGPT baby shape decodes at ~0.6 ms
+# per token over 4 layers on 2 Xeon cores, when its weights take ~0.2 ms to read; GPU kernel launches cost alike.
+DECODE_LAYER_SECONDS = {"cpu": 1e-4, "cuda": 1e-4, "mps": 2e-4}
 
 
 @dataclass(frozen=True)
@@ -86,6 +119,8 @@ class CudaDevice:
     free_memory: int
     capability: tuple[int, int]
     bf16: bool
+    # Bytes/s; 0 takes the nominal figure for the GPU's name.
+    memory_bandwidth: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -99,6 +134,8 @@ class CpuInfo:
     amx: bool
     avx512_bf16: bool
     model_name: str
+    # Bytes/s; 0 takes the nominal figure for the core count.
+    memory_bandwidth: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -148,16 +185,19 @@ def _field(data: dict, key: str, kind: type, default: Any = ..., where: str = ""
             raise UsageError(f"inventory: missing field {name}")
         return default
     value = data[key]
-    if (kind is int and isinstance(value, bool)) or not isinstance(value, kind):
-        raise UsageError(f"inventory: {name} must be {kind.__name__}, got {value!r}")
+    if (kind in (int, (int, float)) and isinstance(value, bool)) or not isinstance(value, kind):
+        what = "number" if kind == (int, float) else kind.__name__
+        raise UsageError(f"inventory: {name} must be {what}, got {value!r}")
     return value
 
 
 def _record(cls: type, data: dict, where: str) -> Any:
     values = {}
     for f in dataclasses.fields(cls):
-        kind = tuple if f.name == "capability" else {"int": int, "str": str, "bool": bool}.get(str(f.type), object)
-        values[f.name] = _field(data, f.name, kind, where=where)
+        kind = tuple if f.name == "capability" else {"int": int, "str": str, "bool": bool, "float": (int, float)}.get(
+            str(f.type), object)
+        default = f.default if f.default is not dataclasses.MISSING else ...
+        values[f.name] = _field(data, f.name, kind, default, where=where)
     unknown = sorted(set(data) - set(values))
     if unknown:
         raise UsageError(f"inventory: unknown field {where}.{unknown[0]}")
@@ -316,13 +356,6 @@ class Decision:
 
 
 @dataclass(frozen=True)
-class Placement:
-    device: str
-    # [start, end) range of Transformer blocks held by this device.
-    layers: tuple[int, int]
-
-
-@dataclass(frozen=True)
 class MemoryEstimate:
     device: str
     weights: int
@@ -334,9 +367,9 @@ class MemoryEstimate:
     total: int
     available: int
     fits: bool
-
-
-_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}
+    # Inference: the KV cache, and the margin device.margin keeps free (both inside total).
+    kv_cache: int = 0
+    margin: int = 0
 
 
 @dataclass(frozen=True)
@@ -353,29 +386,50 @@ class Plan:
     threads: int
     pin_memory: bool
     non_blocking: bool
-    loader: str
     prefetch: int
     preprocess_workers: int
     grad_scaler: bool
     # FLOP/s of the compute device at the chosen dtype, the denominator of MFU.
     peak_flops: float
-    placements: tuple[Placement, ...]
+    # Where the model's parts sit (one segment for a single device); inference may split them.
+    placements: tuple[Segment, ...]
     memory: tuple[MemoryEstimate, ...]
     decisions: tuple[Decision, ...]
     inventory: Inventory
+    # device.alias: (simulated device, device of this machine) pairs the plan runs on.
+    aliases: tuple[tuple[str, str], ...] = ()
+    # Inference: predicted tokens per second of decoding (per sequence) and of prefill.
+    decode_tokens_per_s: float = 0.0
+    prefill_tokens_per_s: float = 0.0
+
+    def physical(self, device: str) -> torch.device:
+        """The torch device that runs the plan's ``device`` (itself unless device.alias maps it)."""
+        return torch.device(dict(self.aliases).get(device, device))
 
     @property
     def torch_device(self) -> torch.device:
-        return torch.device(self.device)
+        """Where inputs meet the model's output: the device of its head (the only one, unless split)."""
+        return self.physical(self.device)
+
+    @property
+    def split(self) -> bool:
+        return len({segment.device for segment in self.placements}) > 1
 
     @property
     def autocast_dtype(self) -> torch.dtype | None:
-        return _DTYPES[self.dtype]
+        return None if self.dtype == "fp32" else DTYPES[self.dtype]
 
     @property
     def decode_dtype(self) -> torch.dtype:
         """The dtype single-token steps compute in: fp32 for int8 weights (only the products read int8)."""
-        return _DTYPES.get(self.decode_weights) or torch.float32
+        return DTYPES.get(self.decode_weights, torch.float32)
+
+    def place_model(self, model: Any) -> None:
+        """Move a Transformer's parts to the devices of ``placements`` (through device.alias)."""
+        blocks = [self.physical(s.device) for s in self.placements for _ in range(s.blocks)]
+        embed = next(self.physical(s.device) for s in self.placements if s.embed)
+        head = next(self.physical(s.device) for s in self.placements if s.head)
+        model.place(embed, blocks, head)
 
     def decoding(self, device: torch.device) -> Decoding:
         """How sampling runs a model that sits on ``device`` under this plan.
@@ -398,7 +452,7 @@ class Plan:
         if self.attention_dtype == self.dtype:
             model.set_attention_dtype(None)
         else:
-            model.set_attention_dtype(_DTYPES[self.attention_dtype] or torch.float32)
+            model.set_attention_dtype(DTYPES[self.attention_dtype])
 
     def autocast(self) -> contextlib.AbstractContextManager:
         """The autocast region forward passes run in (a no-op for fp32)."""
@@ -408,22 +462,25 @@ class Plan:
 
     def apply(self) -> None:
         """Set process-wide torch state from the plan; call once before the work starts."""
-        kind = self.torch_device.type
-        index = self.torch_device.index or 0
-        missing = {"cuda": not torch.cuda.is_available() or index >= torch.cuda.device_count(),
-                   "mps": not torch.backends.mps.is_available()}
-        if missing.get(kind, False):
-            raise HetlmError(
-                f"the plan puts the work on {self.device}, which this machine does not have "
-                f"(was the plan made from a simulated inventory? unset {INVENTORY_ENV})"
-            )
+        for name in dict.fromkeys([self.device, *(s.device for s in self.placements)]):
+            device = self.physical(name)
+            index = device.index or 0
+            missing = {"cuda": not torch.cuda.is_available() or index >= torch.cuda.device_count(),
+                       "mps": not torch.backends.mps.is_available()}
+            if missing.get(device.type, False):
+                shown = name if str(device) == name else f"{name} (aliased to {device})"
+                raise HetlmError(
+                    f"the plan puts work on {shown}, which this machine does not have (was the plan made from a "
+                    f"simulated inventory? unset {INVENTORY_ENV}, or map its devices with device.alias)"
+                )
         torch.set_num_threads(self.threads)
-        if kind == "cuda":
+        if self.torch_device.type == "cuda":
             torch.cuda.set_device(self.torch_device)
 
     def to_dict(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)
         data["placements"] = [dict(p, layers=list(p["layers"])) for p in data["placements"]]
+        data["aliases"] = [list(pair) for pair in self.aliases]
         data["inventory"] = self.inventory.to_dict()
         data["fits"] = self.fits
         return data
@@ -470,14 +527,22 @@ def make_plan(inventory: Inventory, config: Config, workload: str = "train", wor
         threads = config.device.threads or inventory.cpu.cores
         return Plan(
             workload=workload, device="cpu", dtype="fp32", attention_dtype="fp32", decode_weights="fp32", compile=False,
-            threads=threads, pin_memory=False, non_blocking=False, loader="none", prefetch=config.device.prefetch,
+            threads=threads, pin_memory=False, non_blocking=False, prefetch=config.device.prefetch,
             preprocess_workers=workers, grad_scaler=False, peak_flops=_cpu_peak(inventory.cpu, "fp32", threads),
             placements=(), memory=(), decisions=tuple(decisions), inventory=inventory,
         )
 
     model = planning_model(config)
+    caps = parse_memory_caps(config.device.memory)
+    aliases = _check_aliases(inventory, parse_aliases(config.device.alias), caps)
     device, why = _choose_device(inventory, config.device.device, world_size, local_rank)
     decisions.append(Decision("device", device, why))
+    if aliases:
+        decisions.append(Decision(
+            "aliasing", ", ".join(f"{a}={b}" for a, b in aliases),
+            "device.alias runs this plan for the simulated machine on this one's devices; the simulated memory "
+            "budgets still bind",
+        ))
     kind = device.split(":")[0]
     cuda = inventory.cuda[int(device.split(":")[1])] if kind == "cuda" else None
     training = workload == "train"
@@ -493,9 +558,10 @@ def make_plan(inventory: Inventory, config: Config, workload: str = "train", wor
             "the baby shape: 6.4 vs 1.0 ms), so attention upcasts while the matmuls around it stay bf16",
         ))
     # Only sampling reads decode weights: a training config that asks for int8 is not held to its limits.
-    quantize = config.sample.quantize if workload == "infer" else "none"
+    inference = workload in INFERENCE
+    quantize = config.sample.quantize if inference else "none"
     decode_weights, why = _choose_decode_weights(kind, dtype, quantize, model)
-    if workload == "infer":
+    if inference:
         decisions.append(Decision("decode weights", decode_weights, why))
     grad_scaler = training and dtype == "fp16"
     if grad_scaler:
@@ -513,7 +579,8 @@ def make_plan(inventory: Inventory, config: Config, workload: str = "train", wor
     compile_, why = _choose_compile(inventory, kind, config, workload, model, tokens_per_step / world_size, peak)
     decisions.append(Decision("compile", "on" if compile_ else "off", why))
 
-    pinned = kind == "cuda"
+    # Pinned memory needs a real CUDA device, whatever the simulated inventory says.
+    pinned = torch.device(dict(aliases).get(device, device)).type == "cuda"
     decisions.append(Decision(
         "data loading",
         f"background thread, prefetch {config.device.prefetch}" + (", pinned" if pinned else ""),
@@ -523,11 +590,6 @@ def make_plan(inventory: Inventory, config: Config, workload: str = "train", wor
     ))
     decisions.append(Decision("preprocess workers", str(workers), workers_why))
 
-    placements = (Placement(device, (0, model.n_layers)),)
-    decisions.append(Decision(
-        "placement", f"layers 0-{model.n_layers - 1} on {device}",
-        "one device holds every layer; splitting layers across devices is not supported yet",
-    ))
     if kind == "cuda" and world_size == 1 and len(inventory.cuda) > 1:
         n = len(inventory.cuda)
         decisions.append(Decision(
@@ -538,9 +600,26 @@ def make_plan(inventory: Inventory, config: Config, workload: str = "train", wor
         backend = "NCCL" if kind == "cuda" else "gloo"
         decisions.append(Decision("parallelism", f"DDP x{world_size} ({backend})", f"torchrun started {world_size} processes"))
 
-    available = _available_memory(inventory, kind, cuda, world_size)
-    estimate = memory_estimate(config, device, micro_batch, dtype, training, available)
-    decisions.append(_memory_decision(config, estimate, micro_batch, dtype, training, world_size))
+    decode_rate = prefill_rate = 0.0
+    if inference:
+        placements, memory, decode_rate, prefill_rate, device = _place_for_inference(
+            inventory, config, workload, device, dtype, threads, quantize, caps, decisions)
+        if placements[-1].device.split(":")[0] != kind:
+            # An explicit map put the head elsewhere: the plan's dtype is that device's.
+            kind = device.split(":")[0]
+            cuda = inventory.cuda[int(device.split(":")[1])] if kind == "cuda" else None
+            dtype, why = _choose_dtype(inventory, cuda, kind, model, config.device.dtype)
+            attention_dtype = "fp32" if kind == "cpu" and dtype == "bf16" else dtype
+            decode_weights, _ = _choose_decode_weights(kind, dtype, quantize, model)
+            decisions.append(Decision("dtype", dtype, f"the head sits on {device}: {why}"))
+    else:
+        placements = whole(device, model.n_layers)
+        decisions.append(Decision("placement", f"layers 0-{model.n_layers - 1} on {device}",
+                                  "training runs each process's whole model on one device"))
+        available = _available_memory(inventory, kind, cuda, world_size, caps)
+        estimate = memory_estimate(config, device, micro_batch, dtype, training, available)
+        decisions.append(_memory_decision(config, estimate, micro_batch, dtype, training, world_size))
+        memory = (estimate,)
 
     return Plan(
         workload=workload,
@@ -552,16 +631,176 @@ def make_plan(inventory: Inventory, config: Config, workload: str = "train", wor
         threads=threads,
         pin_memory=pinned,
         non_blocking=pinned,
-        loader="background-thread",
         prefetch=config.device.prefetch,
         preprocess_workers=workers,
         grad_scaler=grad_scaler,
         peak_flops=peak,
         placements=placements,
-        memory=(estimate,),
+        memory=memory,
         decisions=tuple(decisions),
         inventory=inventory,
+        aliases=aliases,
+        decode_tokens_per_s=decode_rate,
+        prefill_tokens_per_s=prefill_rate,
     )
+
+
+def _check_aliases(inventory: Inventory, aliases: dict[str, str], caps: dict[str, int]) -> tuple[tuple[str, str], ...]:
+    names = _device_names(inventory)
+    for device in [*aliases, *caps]:
+        if device not in names:
+            setting = "device.alias" if device in aliases else "device.memory"
+            raise UsageError(f"{setting} names {device}, which this machine does not have ({', '.join(names)})")
+    return tuple(sorted(aliases.items()))
+
+
+def _device_names(inventory: Inventory) -> tuple[str, ...]:
+    return (*(f"cuda:{d.index}" for d in inventory.cuda), *(("mps",) if inventory.mps else ()), "cpu")
+
+
+def _sequences(config: Config, workload: str) -> int:
+    """Sequences decoded at once: what the KV cache and the prefill buffers are sized for."""
+    if workload == "eval":
+        return config.eval.batch_size
+    if workload == "serve":
+        return config.serve.max_concurrency
+    return 1
+
+
+def _device_spec(inventory: Inventory, device: str, dtype: str, threads: int, caps: dict[str, int],
+                 margin: str) -> DeviceSpec:
+    kind = device.split(":")[0]
+    cuda = inventory.cuda[int(device.split(":")[1])] if kind == "cuda" else None
+    available = _available_memory(inventory, kind, cuda, 1, caps)
+    if cuda is not None:
+        bandwidth = cuda.memory_bandwidth or _cuda_bandwidth(cuda)
+        link, latency, peak = CUDA_LINK, CUDA_LINK_LATENCY, _cuda_peak(cuda, dtype if cuda.bf16 or dtype != "bf16" else "fp16")[0]
+    elif kind == "mps":
+        # Unified memory: no copy crosses a bus, but a hand-over still waits for the GPU's queue.
+        bandwidth, link, latency, peak = _mps_bandwidth(inventory.cpu), 100e9, 20e-6, _mps_peak(inventory.cpu)
+    else:
+        cpu = inventory.cpu
+        bandwidth = cpu.memory_bandwidth or min(CPU_MAX_BANDWIDTH, CPU_CORE_BANDWIDTH * max(1, min(threads, cpu.cores)))
+        link, latency, peak = 1e12, 0.0, _cpu_peak(cpu, "fp32", threads)
+    return DeviceSpec(device, available, margin_bytes(margin, available), RUNTIME_OVERHEAD[kind], bandwidth, link, latency,
+                      DECODE_LAYER_SECONDS[kind], peak)
+
+
+def _cuda_bandwidth(device: CudaDevice) -> float:
+    for fragment, bandwidth in CUDA_BANDWIDTH:
+        if fragment in device.name:
+            return bandwidth
+    return 2e12 if device.capability >= (9, 0) else 1e12 if device.capability >= (8, 0) else 0.3e12
+
+
+def _mps_bandwidth(cpu: CpuInfo) -> float:
+    for tier, bandwidth in (("Ultra", 800e9), ("Max", 400e9), ("Pro", 200e9)):
+        if tier in cpu.model_name:
+            return bandwidth
+    return 100e9
+
+
+def _place_for_inference(
+    inventory: Inventory, config: Config, workload: str, device: str, dtype: str, threads: int, quantize: str,
+    caps: dict[str, int], decisions: list[Decision],
+) -> tuple[tuple[Segment, ...], tuple[MemoryEstimate, ...], float, float, str]:
+    """Choose the layer map for inference; returns it with memory per device, predicted rates and the head's device."""
+    model = planning_model(config)
+    names = _device_names(inventory)
+    sequences = _sequences(config, workload)
+    specs, sizes = {}, {}
+    for name in names:
+        kind = name.split(":")[0]
+        spec_dtype = dtype if kind == device.split(":")[0] else ("fp32" if kind == "cpu" else dtype)
+        specs[name] = _device_spec(inventory, name, spec_dtype, threads, caps, config.device.margin)
+        decode, _ = _choose_decode_weights(kind, spec_dtype if kind != "cpu" else "fp32", quantize, model)
+        sizes[name] = part_sizes(model, decode, sequences, all_logits=workload == "eval")
+    L = model.n_layers
+    accelerators = [device] if device != "cpu" else []
+    accelerators += sorted((n for n in names if n not in (device, "cpu")), key=lambda n: -specs[n].bandwidth)
+
+    def uses(segments: tuple[Segment, ...]) -> tuple[MemoryEstimate, ...]:
+        embed_device = next(s.device for s in segments if s.embed)
+        out = []
+        for segment in segments:
+            use = device_use(segment, sizes[segment.device], specs[segment.device], embed_device)
+            out.append(MemoryEstimate(use.device, use.weights, 0, 0, use.activations, use.logits, use.overhead, use.total,
+                                      use.available, use.fits, kv_cache=use.kv_cache, margin=use.margin))
+        return _merge_unified(inventory, tuple(out), caps)
+
+    explicit = config.device.layers.strip()
+    if explicit:
+        chosen = parse_layer_map(explicit, L, names)
+        why = "set by device.layers"
+    elif config.device.gpu_layers >= 0:
+        limit = config.device.gpu_layers
+        if limit and not accelerators:
+            raise UsageError(f"device.gpu_layers={limit} but this machine has no accelerator")
+        if limit >= L:
+            chosen, why = whole(accelerators[0], L), f"set by device.gpu_layers={limit}: every block on {accelerators[0]}"
+        else:
+            found = fill_from_the_end(accelerators, sizes, specs, L, "cpu", limit=limit)
+            chosen = found if found is not None else _refuse(model, sequences, workload, uses(whole("cpu", L)))
+            why = f"set by device.gpu_layers={limit}: the last {limit} blocks and the head on the accelerators"
+    else:
+        chosen, why = _auto_placement(accelerators, device, sizes, specs, L, uses, model, sequences, workload)
+    memory = uses(chosen)
+    if not all(m.fits for m in memory):
+        _refuse(model, sequences, workload, memory)
+    step = step_seconds(chosen, sizes, specs)
+    flops = _flops_per_token(model) / 3
+    prefill = prefill_seconds(chosen, model, model.context_length, specs, flops)
+    decode_rate, prefill_rate = 1 / step, model.context_length / prefill
+    shown = "; ".join(f"{s.device} {s.describe()}" for s in chosen)
+    decisions.append(Decision("placement", shown, f"{why}; predicted {decode_rate:,.0f} tokens/s per sequence decoding, "
+                                                  f"{prefill_rate:,.0f} prefilling"))
+    if len(chosen) > 1:
+        decisions.append(Decision("layer map", layer_map(chosen, L), "reproduce this split with --set device.layers=..."))
+    need = ", ".join(f"{m.device} {_gib(m.total)} of {_gib(m.available)}" for m in memory)
+    decisions.append(Decision("memory", "fits", f"about {need} (weights, KV cache for {sequences} x "
+                                                f"{model.context_length} tokens, buffers and margin)"))
+    return chosen, memory, decode_rate, prefill_rate, chosen[-1].device
+
+
+def _auto_placement(accelerators: list[str], device: str, sizes: dict, specs: dict, L: int, uses: Any,
+                    model: ModelConfig, sequences: int, workload: str) -> tuple[tuple[Segment, ...], str]:
+    alone = whole(device, L)
+    if all(m.fits for m in uses(alone)):
+        return alone, f"the whole model fits on {device}, the fastest device"
+    if not accelerators:
+        _refuse(model, sequences, workload, uses(alone))
+    split = fill_from_the_end(accelerators, sizes, specs, L, "cpu")
+    if split is None:
+        _refuse(model, sequences, workload, uses(whole("cpu", L)))
+    cpu_only = whole("cpu", L)
+    if all(m.fits for m in uses(cpu_only)):
+        ratio = step_seconds(cpu_only, sizes, specs) / step_seconds(split, sizes, specs)
+        versus = f"; {ratio:.1f}x the predicted decoding speed of the CPU alone"
+    else:
+        versus = "; the CPU alone cannot hold it either"
+    return split, (f"the model does not fit on {device}: the last blocks and the head fill the fastest devices, "
+                   f"the rest runs on the CPU{versus}")
+
+
+def _merge_unified(inventory: Inventory, memory: tuple[MemoryEstimate, ...], caps: dict[str, int]) -> tuple[MemoryEstimate, ...]:
+    """On Apple machines MPS and the CPU draw on one RAM: a split between them must fit it together."""
+    if not inventory.mps or {m.device for m in memory} != {"mps", "cpu"} or "cpu" in caps:
+        return memory
+    pool = int(inventory.cpu.ram_bytes * CPU_RAM_FRACTION)
+    together = sum(m.total for m in memory)
+    return tuple(dataclasses.replace(m, fits=m.fits and together <= pool) for m in memory)
+
+
+def _refuse(model: ModelConfig, sequences: int, workload: str, memory: tuple[MemoryEstimate, ...]) -> Any:
+    breakdown = "; ".join(
+        f"{m.device} needs {_gib(m.total)} of {_gib(m.available)} (weights {_gib(m.weights)}, KV cache {_gib(m.kv_cache)}, "
+        f"buffers {_gib(m.activations + m.logits)}, overhead and margin {_gib(m.overhead + m.margin)})" for m in memory)
+    batch = {"eval": "eval.batch_size", "serve": "serve.max_concurrency"}.get(workload)
+    ways = [f"a shorter model.context_length (now {model.context_length})"]
+    if batch:
+        ways.append(f"a smaller {batch} (now {sequences})")
+    ways += ["sample.quantize=int8 or device.dtype=bf16 weights", "a larger device.memory cap or a smaller device.margin"]
+    raise UsageError(f"no placement of the model fits this machine: {breakdown}; try {', '.join(ways)}")
 
 
 def _choose_decode_weights(kind: str, dtype: str, quantize: str, model: ModelConfig) -> tuple[str, str]:
@@ -743,7 +982,11 @@ def _cpu_peak(cpu: CpuInfo, dtype: str, threads: int) -> float:
 # --- memory --------------------------------------------------------------------------------------
 
 
-def _available_memory(inventory: Inventory, kind: str, cuda: CudaDevice | None, world_size: int) -> int:
+def _available_memory(inventory: Inventory, kind: str, cuda: CudaDevice | None, world_size: int,
+                      caps: dict[str, int] | None = None) -> int:
+    name = f"cuda:{cuda.index}" if cuda is not None else kind
+    if caps and name in caps:
+        return caps[name] // (world_size if kind != "cuda" else 1)
     if cuda is not None:
         return cuda.free_memory
     fraction = MPS_RAM_FRACTION if kind == "mps" else CPU_RAM_FRACTION

@@ -230,7 +230,9 @@ class Sampler:
     def __init__(self, model: Transformer, tokenizer: Any, plan: Plan | None = None) -> None:
         self.model = model
         self.tokenizer = tokenizer
-        self.device = next(model.parameters()).device
+        # Where the logits come out, and so where sampling and its generator run; a split model's
+        # layers keep their caches on their own devices.
+        self.device = model.output_device
         self.decoding = plan.decoding(self.device) if plan is not None else Decoding()
         self.decoder = Decoder(model, self.decoding.dtype, self.decoding.int8)
 
@@ -287,7 +289,8 @@ class Sampler:
         n, window_start = len(prompt), 0
         next_ids = history[:, n - 1]  # the newest ids, fed to the next single-token step
         with torch.inference_mode():
-            cache = KVCache(self.model.config, B, self.device, self.decoding.dtype) if settings.use_cache else None
+            cache = KVCache(self.model.config, B, self.model.layer_devices(), self.decoding.dtype) if settings.use_cache \
+                else None
             flat = self.decoder.flat_cache(cache) if cache is not None else []
 
         samples = [_SampleState(self.tokenizer, prompt, settings.stop) for _ in range(B)]

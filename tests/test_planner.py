@@ -224,7 +224,7 @@ def test_preprocess_and_infer_workloads():
     infer = plan_for("no-gpu", "train.max_steps=10000000", workload="infer")
     assert infer.compile is False and infer.memory[0].optimizer == 0
     with pytest.raises(UsageError, match="workload must be one of"):
-        plan_for("no-gpu", workload="serve")
+        plan_for("no-gpu", workload="deploy")
 
 
 def test_decode_weights_follow_the_device_and_sample_quantize():

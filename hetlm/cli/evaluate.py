@@ -47,7 +47,7 @@ def evaluate_command(
         raise UsageError("--data and --text exclude each other: score a data folder or text files")
     if split not in ("val", "train"):
         raise UsageError(f"--split must be val or train, got {split!r}")
-    loaded, config, plan = load_for_inference(target, set_, OVERRIDABLE)
+    loaded, config, plan = load_for_inference(target, set_, OVERRIDABLE, "eval")
     max_tokens = config.eval.max_tokens if max_tokens is None else max_tokens
     stride = config.eval.stride if stride is None else stride
     if max_tokens < 0 or stride < 0:

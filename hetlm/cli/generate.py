@@ -56,7 +56,7 @@ def generate_command(
     """
     text = _prompt_text(stdin, prompt, prompt_file)
     quantized = [f"sample.quantize={quantize}"] if quantize is not None else []
-    loaded, config, plan = load_for_inference(target, [*(set_ or []), *quantized], OVERRIDABLE)
+    loaded, config, plan = load_for_inference(target, [*(set_ or []), *quantized], OVERRIDABLE, "generate")
     settings = SamplingSettings.from_config(
         config.sample, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
         stop=tuple(stop) if stop else None, num_samples=num_samples,

@@ -16,16 +16,17 @@ TargetArgument = Annotated[Path, typer.Argument(help="A run folder (its best che
                                                 show_default=False)]
 
 
-def load_for_inference(target: Path, assignments: list[str] | None,
-                       sections: tuple[str, ...]) -> tuple[LoadedModel, Config, Plan]:
-    """The model at ``target`` on the device an inference plan chose, its config with ``--set`` applied to ``sections``.
+def load_for_inference(target: Path, assignments: list[str] | None, sections: tuple[str, ...],
+                       workload: str) -> tuple[LoadedModel, Config, Plan]:
+    """The model at ``target`` placed as the ``workload`` plan says, its config with ``--set`` applied to ``sections``.
 
-    The model's shape and tokenizer come with the weights; only ``sections`` may be overridden.
+    The model's shape and tokenizer come with the weights; only ``sections`` may be overridden. A plan that does not
+    fit stops here, before the weights are placed.
     """
     with RichReporter() as reporter:
         loaded = load_checkpoint(target, "cpu", reporter=reporter)
     config = with_overrides(loaded.config, assignments or [], sections)
-    plan = make_plan(detect_inventory(), config, workload="infer")
+    plan = make_plan(detect_inventory(), config, workload=workload)
     plan.apply()
-    loaded.model.to(plan.torch_device)
+    plan.place_model(loaded.model)
     return loaded, config, plan

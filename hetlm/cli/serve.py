@@ -48,7 +48,7 @@ def serve_command(
     """
     if SERVE_MISSING is not None:
         raise HetlmError(f"hetlm serve needs FastAPI and uvicorn ({SERVE_MISSING}): pip install 'hetlm[serve]'")
-    loaded, config, plan = load_for_inference(target, set_, SERVE_OVERRIDABLE)
+    loaded, config, plan = load_for_inference(target, set_, SERVE_OVERRIDABLE, "serve")
     changes = {k: v for k, v in {"host": host, "port": port, "max_concurrency": max_concurrency}.items() if v is not None}
     serve = dataclasses.replace(config.serve, **changes)
     serve.validate()
