@@ -7,14 +7,13 @@ budgets and the overrides, so ``hetlm plan`` can show and explain a split before
 
 The split minimises the predicted time of a decoding step, whose cost is reading the weights: each part on
 a device costs its bytes over the device's memory bandwidth plus a fixed per-layer overhead, and each
-boundary costs the hidden states over the link plus its latency. Summed time per token, not a pipeline's
-maximum, so filling the fastest device first is optimal: the head and the last blocks go to the fastest
-accelerator (the embedding is a lookup, cheap anywhere, so it stays at the slow end, as llama.cpp's
-``-ngl`` keeps it), earlier blocks to the next, and what is left to the CPU.
+boundary costs the hidden states over the link plus its latency. Decoding runs the parts one after another,
+so the step time is their sum (not a pipeline's maximum), and the fastest devices should hold as much as fits.
 """
 
 from __future__ import annotations
 
+import itertools
 import math
 import re
 from dataclasses import dataclass
@@ -273,6 +272,55 @@ def fill_from_the_end(order: list[str], sizes: dict[str, PartSizes], specs: dict
     if not device_use(rest, sizes[cpu], specs[cpu], cpu).fits:
         return None
     return (rest, *reversed(segments))
+
+
+def fastest_split(devices: list[str], sizes: dict[str, PartSizes], specs: dict[str, DeviceSpec],
+                  n_layers: int) -> tuple[Segment, ...] | None:
+    """The placement with the lowest predicted step time that fits every device, or None when none fits.
+
+    Every ordered chain of distinct devices is tried (the embedding on its first, the head on its last); within a
+    chain the blocks go to the devices that decode a block fastest, up to what each can hold, which minimises the
+    summed step time for that chain. A handful of devices gives at most a few hundred chains.
+    """
+    best: tuple[float, int, tuple[Segment, ...]] | None = None
+    for length in range(1, len(devices) + 1):
+        for chain in itertools.permutations(devices, length):
+            segments = _fill_chain(chain, sizes, specs, n_layers)
+            if segments is None:
+                continue
+            key = (step_seconds(segments, sizes, specs), len(segments))
+            if best is None or key < best[:2]:
+                best = (*key, segments)
+    return best[2] if best is not None else None
+
+
+def _fill_chain(chain: tuple[str, ...], sizes: dict[str, PartSizes], specs: dict[str, DeviceSpec],
+                n_layers: int) -> tuple[Segment, ...] | None:
+    caps = []
+    for position, device in enumerate(chain):
+        size, room = sizes[device], specs[device].usable
+        if position == 0:
+            room -= size.embed
+        if position == len(chain) - 1:
+            room -= size.head + (size.tied_copy if device != chain[0] else 0) + size.logits
+        if room < 0:
+            return None
+        caps.append(max(0, (room - size.compute) // (size.block + size.kv)))
+    counts = [0] * len(chain)
+    left = n_layers
+    by_speed = sorted(range(len(chain)), key=lambda i: sizes[chain[i]].block_read / specs[chain[i]].bandwidth
+                      + specs[chain[i]].layer_seconds)
+    for i in by_speed:
+        counts[i] = min(caps[i], left)
+        left -= counts[i]
+    if left or any(count == 0 for count in counts[1:-1]):
+        # Blocks left over, or a device in the middle with nothing to do (the shorter chain covers that case).
+        return None
+    segments, start = [], 0
+    for position, (device, count) in enumerate(zip(chain, counts, strict=True)):
+        segments.append(Segment(device, (start, start + count), embed=position == 0, head=position == len(chain) - 1))
+        start += count
+    return tuple(segments)
 
 
 def parse_layer_map(text: str, n_layers: int, devices: tuple[str, ...]) -> tuple[Segment, ...]:

@@ -30,6 +30,7 @@ from hetlm.placement import (
     DeviceSpec,
     Segment,
     device_use,
+    fastest_split,
     fill_from_the_end,
     layer_map,
     margin_bytes,
@@ -767,19 +768,17 @@ def _auto_placement(accelerators: list[str], device: str, sizes: dict, specs: di
     alone = whole(device, L)
     if all(m.fits for m in uses(alone)):
         return alone, f"the whole model fits on {device}, the fastest device"
-    if not accelerators:
-        _refuse(model, sequences, workload, uses(alone))
-    split = fill_from_the_end(accelerators, sizes, specs, L, "cpu")
-    if split is None:
+    split = fastest_split([*accelerators, "cpu"], sizes, specs, L)
+    if split is None or not all(m.fits for m in uses(split)):
         _refuse(model, sequences, workload, uses(whole("cpu", L)))
     cpu_only = whole("cpu", L)
-    if all(m.fits for m in uses(cpu_only)):
+    if split != cpu_only and all(m.fits for m in uses(cpu_only)):
         ratio = step_seconds(cpu_only, sizes, specs) / step_seconds(split, sizes, specs)
         versus = f"; {ratio:.1f}x the predicted decoding speed of the CPU alone"
     else:
-        versus = "; the CPU alone cannot hold it either"
-    return split, (f"the model does not fit on {device}: the last blocks and the head fill the fastest devices, "
-                   f"the rest runs on the CPU{versus}")
+        versus = ""
+    return split, (f"the model does not fit on {device}: this split has the lowest predicted step time of those that "
+                   f"fit{versus}")
 
 
 def _merge_unified(inventory: Inventory, memory: tuple[MemoryEstimate, ...], caps: dict[str, int]) -> tuple[MemoryEstimate, ...]:

@@ -14,7 +14,8 @@ from hetlm.cli.app import app
 from hetlm.cli.options import ConfigOption, SetOption
 from hetlm.cli.render import plan_table, stdout
 from hetlm.config import load_config
-from hetlm.planner import Inventory, Plan, detect_inventory, load_inventory, make_plan
+from hetlm.placement import bar
+from hetlm.planner import INFERENCE, Inventory, Plan, detect_inventory, load_inventory, make_plan, planning_model
 
 
 @app.command("plan")
@@ -26,7 +27,9 @@ def plan(
         Optional[Path],
         typer.Option("--inventory", help="Plan for a simulated machine (JSON; also $HETLM_INVENTORY).", show_default=False),
     ] = None,
-    workload: Annotated[str, typer.Option("--workload", help="train, infer or preprocess.")] = "train",
+    workload: Annotated[str, typer.Option(
+        "--workload", help="train, preprocess, or an inference workload: generate (also infer: one sequence), eval "
+        "(eval.batch_size sequences) or serve (serve.max_concurrency).")] = "train",
 ) -> None:
     """Show the hardware found and where each stage will run, in which dtype, and why."""
     resolved = load_config(config, set_ or [])
@@ -37,6 +40,14 @@ def plan(
         return
     stdout.print(_inventory_table(machine))
     stdout.print(plan_table(result))
+    if result.workload in INFERENCE:
+        stdout.print(_layer_table(result))
+        for line in bar(result.placements, planning_model(resolved).n_layers):
+            stdout.print(escape(line), highlight=False)
+        stdout.print(f"predicted: {result.decode_tokens_per_s:,.0f} tokens/s per sequence decoding, "
+                     f"{result.prefill_tokens_per_s:,.0f} tokens/s prefilling")
+    if result.aliases:
+        stdout.print("aliasing in force: " + escape(", ".join(f"{a} runs on {b}" for a, b in result.aliases)), highlight=False)
     if result.memory:
         stdout.print(_memory_table(result))
     stdout.print(f"peak {result.peak_flops / 1e12:.2f} TFLOP/s on {result.device} at {result.dtype} (the MFU denominator)")
@@ -68,14 +79,29 @@ def _inventory_table(machine: Inventory) -> Table:
     return table
 
 
+def _layer_table(result: Plan) -> Table:
+    table = Table(title="Layer map", title_justify="left")
+    table.add_column("Device", style="bold")
+    table.add_column("Parts")
+    table.add_column("Runs on")
+    for segment in result.placements:
+        table.add_row(segment.device, segment.describe(), str(result.physical(segment.device)))
+    return table
+
+
 def _memory_table(result: Plan) -> Table:
     table = Table(title="Memory per device", title_justify="left")
     table.add_column("", style="bold")
     for estimate in result.memory:
         table.add_column(estimate.device, justify="right")
-    rows = (("weights", "weights (fp32)"), ("gradients", "gradients"), ("optimizer", "optimizer state"),
-            ("activations", "activations"), ("logits", "logits"), ("overhead", "overhead"), ("total", "total"),
-            ("available", "available"))
+    if result.workload in INFERENCE:
+        rows = (("weights", "weights (fp32 + decode copies)"), ("kv_cache", "KV cache"), ("activations", "prefill buffers"),
+                ("logits", "logits"), ("overhead", "overhead"), ("margin", "margin"), ("total", "total"),
+                ("available", "available"))
+    else:
+        rows = (("weights", "weights (fp32)"), ("gradients", "gradients"), ("optimizer", "optimizer state"),
+                ("activations", "activations"), ("logits", "logits"), ("overhead", "overhead"), ("total", "total"),
+                ("available", "available"))
     for field, label in rows:
         table.add_row(label, *(_size(getattr(e, field)) for e in result.memory))
     table.add_row("fits", *("[green]yes[/]" if e.fits else "[bold red]NO[/]" for e in result.memory))
