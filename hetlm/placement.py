@@ -135,27 +135,29 @@ class PartSizes:
     hidden: int
 
 
-def part_sizes(model: ModelConfig, decode: str, sequences: int, all_logits: bool) -> PartSizes:
+def part_sizes(model: ModelConfig, decode: str, sequences: int, all_logits: bool, decoder: bool = True) -> PartSizes:
     """The parts of ``model`` whose single-token steps read ``decode`` weights ("fp32", "bf16", "int8"...).
 
-    The model's own fp32 weights serve prefill; the decoder keeps copies prepared in ``decode`` (the
-    embedding only when that is not fp32). ``all_logits``: prefill keeps logits for every position (eval).
+    The model's own fp32 weights serve prefill; with ``decoder`` (sampling, not eval) the decoder keeps copies
+    prepared in ``decode`` (the embedding only when that is not fp32). ``all_logits``: prefill keeps logits for
+    every position (eval).
     """
     D, F, V, T = model.d_model, model.ffn_dim, model.vocab_size, model.context_length
     KE, HE = model.kv_heads * model.head_dim, model.n_heads * model.head_dim
-    low = BYTES[decode]
+    low = BYTES[decode] if decoder else 0
     cache = 2 if decode in ("bf16", "fp16") else 4
     block_matmul = D * HE + 2 * D * KE + HE * D + 3 * D * F
     block = 4 * (block_matmul + 2 * D) + low * block_matmul
     kv = sequences * 2 * T * KE * cache
     embed = 4 * V * D + (low * V * D if decode != "fp32" else 0)
+    read = BYTES[decode]
     head = 4 * D + (0 if model.tie_embeddings else 4 * V * D) + low * V * D
     rows = sequences * T
     compute = rows * (4 * D + 3 * F) * 4
     logits = (rows if all_logits else sequences) * V * 8
     return PartSizes(
         embed=embed, block=block, kv=kv, head=head, tied_copy=4 * V * D if model.tie_embeddings else 0,
-        compute=compute, logits=logits, block_read=low * block_matmul + kv // 2, head_read=low * V * D,
+        compute=compute, logits=logits, block_read=read * block_matmul + kv // 2, head_read=read * V * D,
         hidden=sequences * D * 4,
     )
 

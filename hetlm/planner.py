@@ -425,6 +425,30 @@ class Plan:
         """The dtype single-token steps compute in: fp32 for int8 weights (only the products read int8)."""
         return DTYPES.get(self.decode_weights, torch.float32)
 
+    def weights_in_use(self, model: Any, decoder: Any = None) -> dict[str, int]:
+        """Bytes of weights (the model's, and a decoder's prepared copies) now held per device of ``placements``,
+        to set beside the plan's prediction (``memory``'s weights)."""
+        used = {s.device: 0 for s in self.placements}
+        layers = list(model.model.layers)
+        copies = list(decoder.layers) if decoder is not None else [()] * len(layers)
+        seen: set[int] = set()
+
+        def add(device: str, *tensors: Any) -> None:
+            for tensor in tensors:
+                for leaf in (tensor if isinstance(tensor, tuple) else (tensor,)):
+                    if isinstance(leaf, torch.Tensor) and leaf.untyped_storage().data_ptr() not in seen:
+                        seen.add(leaf.untyped_storage().data_ptr())
+                        used[device] += leaf.untyped_storage().nbytes()
+
+        for segment in self.placements:
+            if segment.embed:
+                add(segment.device, model.model.embed_tokens.weight, getattr(decoder, "embed", None))
+            for i in range(*segment.layers):
+                add(segment.device, *layers[i].parameters(), *copies[i])
+            if segment.head:
+                add(segment.device, *model.model.norm.parameters(), model.lm_head.weight, getattr(decoder, "head", None))
+        return used
+
     def place_model(self, model: Any) -> None:
         """Move a Transformer's parts to the devices of ``placements`` (through device.alias)."""
         blocks = [self.physical(s.device) for s in self.placements for _ in range(s.blocks)]
@@ -715,7 +739,7 @@ def _place_for_inference(
         spec_dtype = dtype if kind == device.split(":")[0] else ("fp32" if kind == "cpu" else dtype)
         specs[name] = _device_spec(inventory, name, spec_dtype, threads, caps, config.device.margin)
         decode, _ = _choose_decode_weights(kind, spec_dtype if kind != "cpu" else "fp32", quantize, model)
-        sizes[name] = part_sizes(model, decode, sequences, all_logits=workload == "eval")
+        sizes[name] = part_sizes(model, decode, sequences, all_logits=workload == "eval", decoder=workload != "eval")
     L = model.n_layers
     accelerators = [device] if device != "cpu" else []
     accelerators += sorted((n for n in names if n not in (device, "cpu")), key=lambda n: -specs[n].bandwidth)

@@ -14,7 +14,7 @@ from rich.table import Table
 from hetlm.cli.app import app
 from hetlm.cli.loading import TargetArgument, load_for_inference
 from hetlm.cli.options import SetOption, key_help
-from hetlm.cli.render import RichReporter, stderr, stdout
+from hetlm.cli.render import RichReporter, stderr, stdout, weights_line
 from hetlm.errors import UsageError
 from hetlm.evaluate import evaluate, text_tokens
 from hetlm.store import open_split, read_data_manifest
@@ -70,6 +70,7 @@ def evaluate_command(
         result = evaluate(loaded.model, tokenizer, tokens, source=source, inputs=inputs, checkpoint=str(loaded.path),
                           stride=stride, max_tokens=max_tokens, batch_size=config.eval.batch_size, plan=plan,
                           chars=chars, reporter=reporter)
+    stderr.print(weights_line(plan, plan.weights_in_use(loaded.model)), highlight=False, markup=False, soft_wrap=True)
     record = result.to_dict()
     saved = loaded.save_eval_results(record)
     if json_:

@@ -12,7 +12,7 @@ from hetlm.cli.app import app
 from hetlm.cli.evaluate import OVERRIDABLE
 from hetlm.cli.loading import TargetArgument, load_for_inference
 from hetlm.cli.options import SetOption, key_help
-from hetlm.cli.render import RichReporter, stderr
+from hetlm.cli.render import RichReporter, stderr, weights_line
 from hetlm.errors import UsageError
 from hetlm.sampling import Sampler, encode_prompt, make_generator
 from hetlm.sampling_settings import SamplingSettings
@@ -42,6 +42,8 @@ def generate_command(
         "--stop", help="End the text before this string (repeatable).", show_default=False)] = None,
     num_samples: Annotated[int, typer.Option("--num-samples", help="Samples drawn as one batch.")] = 1,
     no_stream: Annotated[bool, typer.Option("--no-stream", help="Print the text when it is complete.")] = False,
+    verbose: Annotated[bool, typer.Option(
+        "--verbose", "-v", help="Also show where the model's parts sit and the memory they hold beside the plan's.")] = False,
     quantize: Annotated[Optional[str], typer.Option(
         "--quantize", help=key_help("sample.quantize"), show_default=False)] = None,
     set_: SetOption = None,
@@ -63,6 +65,11 @@ def generate_command(
     )
     tokenizer = Tokenizer.load(loaded.tokenizer_path)
     sampler = Sampler(loaded.model, tokenizer, plan)
+    if verbose:
+        placed = "; ".join(f"{s.device} {s.describe()}" for s in plan.placements)
+        stderr.print(f"placement: {placed}", highlight=False, markup=False, soft_wrap=True)
+        stderr.print(weights_line(plan, plan.weights_in_use(loaded.model, sampler.decoder)), highlight=False, markup=False,
+                     soft_wrap=True)
     generator = make_generator(config.sample.seed if seed is None else seed, plan.torch_device)
     with RichReporter() as reporter:
         generation = sampler.stream(encode_prompt(tokenizer, text), settings, generator, reporter)

@@ -12,7 +12,7 @@ from rich.table import Table
 
 from hetlm.cli.app import app
 from hetlm.cli.options import ConfigOption, SetOption
-from hetlm.cli.render import plan_table, stdout
+from hetlm.cli.render import plan_table, size, stdout
 from hetlm.config import load_config
 from hetlm.placement import bar
 from hetlm.planner import INFERENCE, Inventory, Plan, detect_inventory, load_inventory, make_plan, planning_model
@@ -65,13 +65,13 @@ def _inventory_table(machine: Inventory) -> Table:
     cpu = machine.cpu
     isa = [name for name, present in (("AVX-512", cpu.avx512), ("AMX", cpu.amx), ("AVX512-BF16", cpu.avx512_bf16)) if present]
     table.add_row("cpu", escape(
-        f"{cpu.model_name}: {cpu.cores} cores / {cpu.logical_cpus} CPUs usable, {_size(cpu.ram_bytes)} RAM, "
+        f"{cpu.model_name}: {cpu.cores} cores / {cpu.logical_cpus} CPUs usable, {size(cpu.ram_bytes)} RAM, "
         f"ISA {', '.join(isa) or 'without AVX-512'}"
     ))
     for device in machine.cuda:
         major, minor = device.capability
         table.add_row(f"cuda:{device.index}", escape(
-            f"{device.name}: {_size(device.free_memory)} free of {_size(device.total_memory)}, "
+            f"{device.name}: {size(device.free_memory)} free of {size(device.total_memory)}, "
             f"compute capability {major}.{minor}, bf16 {'yes' if device.bf16 else 'no'}"
         ))
     if machine.mps:
@@ -103,13 +103,6 @@ def _memory_table(result: Plan) -> Table:
                 ("activations", "activations"), ("logits", "logits"), ("overhead", "overhead"), ("total", "total"),
                 ("available", "available"))
     for field, label in rows:
-        table.add_row(label, *(_size(getattr(e, field)) for e in result.memory))
+        table.add_row(label, *(size(getattr(e, field)) for e in result.memory))
     table.add_row("fits", *("[green]yes[/]" if e.fits else "[bold red]NO[/]" for e in result.memory))
     return table
-
-
-def _size(n: int) -> str:
-    for unit, scale in (("TiB", 2**40), ("GiB", 2**30), ("MiB", 2**20)):
-        if n >= scale:
-            return f"{n / scale:.2f} {unit}"
-    return "0" if n == 0 else f"{n / 2**10:.1f} KiB"

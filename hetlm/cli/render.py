@@ -78,3 +78,17 @@ def plan_table(plan: Plan) -> Table:
             choice = f"[green]{choice}[/]" if plan.fits else f"[bold red]{choice}[/]"
         table.add_row(escape(decision.stage), choice, escape(decision.reason))
     return table
+
+
+def size(n: int) -> str:
+    for unit, scale in (("TiB", 2**40), ("GiB", 2**30), ("MiB", 2**20)):
+        if n >= scale:
+            return f"{n / scale:.2f} {unit}"
+    return "0" if n == 0 else f"{n / 2**10:.1f} KiB"
+
+
+def weights_line(plan: Plan, used: dict[str, int]) -> str:
+    """Weights held per device beside what the plan predicted for them."""
+    predicted = {m.device: m.weights for m in plan.memory}
+    return "weights in memory: " + ", ".join(
+        f"{device} {size(n)} (planned {size(predicted.get(device, 0))})" for device, n in used.items())
