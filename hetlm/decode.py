@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from hetlm.errors import UsageError
-from hetlm.model import KVCache, Transformer
+from hetlm.model import KVCache, Transformer, to_device
 
 # torch's int8 kernel gives wrong numbers, or crashes, unless a matrix's inner width is a multiple of this.
 INT8_WIDTH_MULTIPLE = 16
@@ -142,7 +142,7 @@ class Decoder:
                                                                                       strict=True):
             if layer_device != device:
                 device = layer_device
-                x = x.to(device, non_blocking=True)
+                x = to_device(x, device)
                 cos_table, sin_table, floor = self.tables[device]
                 cos, sin = cos_table[pos], sin_table[pos]  # (2, E/2)
             qkv = self.mm(self._normalized(x, floor), qkv_w).view(B, H + 2 * K, 2, E // 2)
@@ -156,6 +156,6 @@ class Decoder:
             gate, up = self.mm(self._normalized(x, floor), gate_up_w).chunk(2, dim=-1)
             x = self.addmm(x, F.silu(gate) * up, down_w)
         cache.length = end
-        x = x.to(self.head_device, non_blocking=True)
+        x = to_device(x, self.head_device)
         logits = self.mm(self._normalized(x, self.tables[self.head_device][2]), self.head)
         return logits.float() if low else logits

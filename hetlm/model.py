@@ -351,7 +351,7 @@ class Transformer(nn.Module):
             if self.block_devices is not None:
                 device = self.block_devices[i]
                 # At a boundary between devices only the hidden states cross.
-                x = x.to(device, non_blocking=True)
+                x = to_device(x, device)
                 if not _same(rope_device, device):
                     cos, sin = (t[start : start + T] for t in self.rope_copies[device])
                     rope_device = device
@@ -360,7 +360,7 @@ class Transformer(nn.Module):
             x = block(x, cos, sin, cache, i, dropout_noise(x, 2) if p else None)
         if cache is not None:
             cache.length += T
-        x = self.model.norm(x.to(self.output_device, non_blocking=True))
+        x = self.model.norm(to_device(x, self.output_device))
         if last_only:
             x = x[:, -1:, :]  # (B, 1, D)
         logits = self.lm_head(x)  # (B, T, V)
@@ -370,6 +370,12 @@ class Transformer(nn.Module):
             loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1).to(logits.device),
                                    ignore_index=-100)
         return logits, loss
+
+
+def to_device(x: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """``x`` on ``device``; the copy is asynchronous only towards a GPU, whose stream orders it before the kernels
+    that read it: the CPU does not wait for a GPU's stream, so a copy to the CPU must complete first."""
+    return x.to(device, non_blocking=device.type == "cuda")
 
 
 def _same(a: torch.device, b: torch.device) -> bool:

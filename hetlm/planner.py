@@ -16,6 +16,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -120,8 +121,9 @@ class CudaDevice:
     free_memory: int
     capability: tuple[int, int]
     bf16: bool
-    # Bytes/s; 0 takes the nominal figure for the GPU's name.
+    # Bytes/s; 0 takes the nominal figure for the GPU's name, or for PCIe 4.0 x16 (the link to the host).
     memory_bandwidth: float = 0.0
+    link_bandwidth: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -235,6 +237,48 @@ def detect_inventory() -> Inventory:
         platform=sys.platform,
         compiler=any(shutil.which(cc) for cc in ("cc", "gcc", "clang", "cl")),
     )
+
+
+def measure_inventory(inventory: Inventory, threads: int) -> Inventory:
+    """``inventory`` with the memory bandwidth of this machine's CPU and GPUs, and each GPU's link to the host,
+    measured: a few hundred milliseconds of reads and copies per device."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        cpu = dataclasses.replace(inventory.cpu, memory_bandwidth=_read_bandwidth(torch.device("cpu")))
+    finally:
+        torch.set_num_threads(previous)
+    cuda = tuple(dataclasses.replace(d, memory_bandwidth=_read_bandwidth(torch.device("cuda", d.index)),
+                                     link_bandwidth=_link_bandwidth(torch.device("cuda", d.index)))
+                 for d in inventory.cuda)
+    return dataclasses.replace(inventory, cpu=cpu, cuda=cuda)
+
+
+def _best_seconds(work: Any, device: torch.device, repeats: int = 5) -> float:
+    times = []
+    for _ in range(repeats + 1):
+        _wait_for(device)
+        started = time.perf_counter()
+        work()
+        _wait_for(device)
+        times.append(time.perf_counter() - started)
+    return min(times[1:])
+
+
+def _wait_for(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _read_bandwidth(device: torch.device) -> float:
+    # 256 MiB is well past every cache; a sum reads each byte once, as a decoding step reads its weights.
+    data = torch.ones(64 * 2**20, dtype=torch.float32, device=device)
+    return data.numel() * 4 / _best_seconds(data.sum, device)
+
+
+def _link_bandwidth(device: torch.device) -> float:
+    host = torch.ones(16 * 2**20, dtype=torch.float32).pin_memory()
+    return host.numel() * 4 / _best_seconds(lambda: host.to(device, non_blocking=True), device)
 
 
 def _detect_cuda() -> tuple[CudaDevice, ...]:
@@ -699,7 +743,8 @@ def _device_spec(inventory: Inventory, device: str, dtype: str, threads: int, ca
     available = _available_memory(inventory, kind, cuda, 1, caps)
     if cuda is not None:
         bandwidth = cuda.memory_bandwidth or _cuda_bandwidth(cuda)
-        link, latency, peak = CUDA_LINK, CUDA_LINK_LATENCY, _cuda_peak(cuda, dtype if cuda.bf16 or dtype != "bf16" else "fp16")[0]
+        link, latency = cuda.link_bandwidth or CUDA_LINK, CUDA_LINK_LATENCY
+        peak = _cuda_peak(cuda, dtype if cuda.bf16 or dtype != "bf16" else "fp16")[0]
     elif kind == "mps":
         # Unified memory: no copy crosses a bus, but a hand-over still waits for the GPU's queue.
         bandwidth, link, latency, peak = _mps_bandwidth(inventory.cpu), 100e9, 20e-6, _mps_peak(inventory.cpu)

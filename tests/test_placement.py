@@ -277,3 +277,12 @@ def test_sizes_parse_and_devices_use_what_parts_need():
     spec = DeviceSpec("cuda:0", 2**40, 0, 0, 1e12, 25e9, 1e-5, 1e-4, 1e14)
     use = device_use(segments[1], sizes, spec, "cpu")
     assert use.weights == 2 * sizes.block + sizes.head + sizes.tied_copy and use.kv_cache == 2 * sizes.kv
+
+
+def test_plan_measure_reads_this_machines_bandwidth(cli):
+    result = cli("plan", "--measure", "--json", "--workload", "generate", "--set", "device.threads=1")
+    assert result.code == 0, result.err
+    measured = json.loads(result.out)["inventory"]["cpu"]["memory_bandwidth"]
+    assert 1e8 < measured < 1e13
+    refused = cli("plan", "--measure", "--inventory", INVENTORIES / "no-gpu.json")
+    assert refused.code == 2 and "cannot measure a simulated" in refused.err

@@ -14,8 +14,18 @@ from hetlm.cli.app import app
 from hetlm.cli.options import ConfigOption, SetOption
 from hetlm.cli.render import plan_table, size, stdout
 from hetlm.config import load_config
+from hetlm.errors import UsageError
 from hetlm.placement import bar
-from hetlm.planner import INFERENCE, Inventory, Plan, detect_inventory, load_inventory, make_plan, planning_model
+from hetlm.planner import (
+    INFERENCE,
+    Inventory,
+    Plan,
+    detect_inventory,
+    load_inventory,
+    make_plan,
+    measure_inventory,
+    planning_model,
+)
 
 
 @app.command("plan")
@@ -27,6 +37,9 @@ def plan(
         Optional[Path],
         typer.Option("--inventory", help="Plan for a simulated machine (JSON; also $HETLM_INVENTORY).", show_default=False),
     ] = None,
+    measure: Annotated[bool, typer.Option(
+        "--measure", help="Measure this machine's memory bandwidths and GPU links first (a few seconds) instead of "
+        "taking nominal figures.")] = False,
     workload: Annotated[str, typer.Option(
         "--workload", help="train, preprocess, or an inference workload: generate (also infer: one sequence), eval "
         "(eval.batch_size sequences) or serve (serve.max_concurrency).")] = "train",
@@ -34,6 +47,10 @@ def plan(
     """Show the hardware found and where each stage will run, in which dtype, and why."""
     resolved = load_config(config, set_ or [])
     machine = load_inventory(inventory) if inventory is not None else detect_inventory()
+    if measure:
+        if inventory is not None:
+            raise UsageError("--measure measures this machine; it cannot measure a simulated --inventory")
+        machine = measure_inventory(machine, resolved.device.threads or machine.cpu.cores)
     result = make_plan(machine, resolved, workload)
     if as_json:
         typer.echo(json.dumps(result.to_dict(), indent=2))
@@ -65,7 +82,8 @@ def _inventory_table(machine: Inventory) -> Table:
     cpu = machine.cpu
     isa = [name for name, present in (("AVX-512", cpu.avx512), ("AMX", cpu.amx), ("AVX512-BF16", cpu.avx512_bf16)) if present]
     table.add_row("cpu", escape(
-        f"{cpu.model_name}: {cpu.cores} cores / {cpu.logical_cpus} CPUs usable, {size(cpu.ram_bytes)} RAM, "
+        f"{cpu.model_name}: {cpu.cores} cores / {cpu.logical_cpus} CPUs usable, {size(cpu.ram_bytes)} RAM"
+        + (f" read at {cpu.memory_bandwidth / 1e9:.0f} GB/s" if cpu.memory_bandwidth else "") + ", "
         f"ISA {', '.join(isa) or 'without AVX-512'}"
     ))
     for device in machine.cuda:
@@ -73,6 +91,8 @@ def _inventory_table(machine: Inventory) -> Table:
         table.add_row(f"cuda:{device.index}", escape(
             f"{device.name}: {size(device.free_memory)} free of {size(device.total_memory)}, "
             f"compute capability {major}.{minor}, bf16 {'yes' if device.bf16 else 'no'}"
+            + (f", read at {device.memory_bandwidth / 1e9:.0f} GB/s" if device.memory_bandwidth else "")
+            + (f", host link {device.link_bandwidth / 1e9:.1f} GB/s" if device.link_bandwidth else "")
         ))
     if machine.mps:
         table.add_row("mps", "Apple GPU sharing the system RAM")
