@@ -27,6 +27,7 @@ from hetlm.config import Config, ModelConfig, parse_duration
 from hetlm.decode import INT8_WIDTH_MULTIPLE, Decoding
 from hetlm.errors import HetlmError, UsageError
 from hetlm.model import DTYPES, flops_per_token, parameter_counts
+from hetlm.openmp import WAIT_POLICY, load_average
 from hetlm.placement import (
     DeviceSpec,
     Segment,
@@ -139,6 +140,10 @@ class CpuInfo:
     model_name: str
     # Bytes/s; 0 takes the nominal figure for the core count.
     memory_bandwidth: float = 0.0
+    # Load average when detected: other programs' share of the CPUs, which threads should not fight for.
+    load: float = 0.0
+    # How idle OpenMP threads wait in this process (hetlm.openmp): "passive" sleeps at once.
+    wait_policy: str = "default"
 
 
 @dataclass(frozen=True)
@@ -359,6 +364,8 @@ def _detect_cpu() -> CpuInfo:
         amx="amx_bf16" in flags,
         avx512_bf16="avx512_bf16" in flags,
         model_name=model_name or "unknown CPU",
+        load=round(load_average(), 2),
+        wait_policy=os.environ.get(WAIT_POLICY, "default").lower(),
     )
 
 
@@ -586,9 +593,11 @@ def make_plan(inventory: Inventory, config: Config, workload: str = "train", wor
     if world_size < 1 or not 0 <= local_rank < world_size:
         raise UsageError(f"bad process layout: local rank {local_rank} of world size {world_size}")
     decisions: list[Decision] = []
-    workers = config.data.workers or inventory.cpu.logical_cpus
+    free_cpus = max(1, math.floor(inventory.cpu.logical_cpus - inventory.cpu.load + 0.5))
+    workers = config.data.workers or free_cpus
     workers_why = (
-        "set by data.workers" if config.data.workers else f"one per usable CPU ({inventory.cpu.logical_cpus}) for tokenizing shards"
+        "set by data.workers" if config.data.workers else
+        f"one per free CPU ({free_cpus} of {inventory.cpu.logical_cpus} at load {inventory.cpu.load:g}) for tokenizing shards"
     )
     if workload == "preprocess":
         decisions.append(Decision("device", "cpu", "tokenizing is CPU work; no accelerator helps SentencePiece"))
@@ -647,6 +656,14 @@ def make_plan(inventory: Inventory, config: Config, workload: str = "train", wor
     tokens_per_step = config.train.global_batch_tokens or micro_batch * model.context_length * world_size
     compile_, why = _choose_compile(inventory, kind, config, workload, model, tokens_per_step / world_size, peak)
     decisions.append(Decision("compile", "on" if compile_ else "off", why))
+    if training:
+        seconds = _estimated_run_seconds(config, model, kind, micro_batch, tokens_per_step / world_size, peak)
+        budget = f", capped by train.max_time={config.train.max_time}" if config.train.max_time else ""
+        decisions.append(Decision(
+            "training time", f"about {_duration(seconds)}",
+            f"{config.train.max_steps:,} steps at an assumed {ASSUMED_MFU:.0%} of the peak below (or the per-layer floor "
+            f"of small models){budget}, before compiling; the first log lines give the measured rate and ETA",
+        ))
 
     # Pinned memory needs a real CUDA device, whatever the simulated inventory says.
     pinned = torch.device(dict(aliases).get(device, device)).type == "cuda"
@@ -962,11 +979,16 @@ def _choose_threads(cpu: CpuInfo, kind: str, wanted: int, world_size: int) -> tu
         note = f" (more than the {cpu.logical_cpus} usable CPUs: expect contention)" if over else ""
         return wanted, "set by device.threads" + note
     if kind == "cpu":
-        threads = max(1, cpu.cores // world_size)
+        # Cores that other programs keep busy would make every parallel region wait for a descheduled thread.
+        free = min(cpu.cores, max(1, math.floor(cpu.logical_cpus - cpu.load + 0.5)))
+        threads = max(1, free // world_size)
         share = f" shared by {world_size} processes" if world_size > 1 else ""
+        busy = (f"; the load average is {cpu.load:g} on {cpu.logical_cpus} CPUs, so {cpu.cores - free} core(s) are left "
+                "to the programs keeping them busy" if free < cpu.cores else "")
+        waits = ", idle threads sleep at once (OMP_WAIT_POLICY=passive)" if cpu.wait_policy == "passive" else ""
         return threads, (
-            f"one per physical core ({cpu.cores}{share}): hyperthreads add nothing to matmuls, "
-            "and data loading is a light background thread"
+            f"one per free physical core ({free}{share}): hyperthreads add nothing to matmuls, "
+            f"and data loading is a light background thread{busy}{waits}"
         )
     threads = max(1, min(4, cpu.cores // world_size))
     return threads, "the accelerator does the math; a few host threads launch kernels and prepare batches"

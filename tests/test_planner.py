@@ -1,5 +1,7 @@
 import dataclasses
 import json
+import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -314,3 +316,29 @@ def test_cli_errors(cli, tmp_path):
     assert result.code == 2 and "inventory file not found" in result.err
     result = cli("plan", "--inventory", INVENTORIES / "no-gpu.json", "--workload", "dance")
     assert result.code == 2 and "workload must be one of" in result.err
+
+
+def test_threads_leave_busy_cores_to_the_programs_using_them():
+    data = json.loads((INVENTORIES / "no-gpu.json").read_text())
+    idle = make_plan(Inventory.from_dict(data), load_config(None, []))
+    assert idle.threads == 2 and "load average" not in decision(idle, "threads").reason
+    data["cpu"].update(load=1.2, wait_policy="passive")
+    busy = make_plan(Inventory.from_dict(data), load_config(None, []))
+    assert busy.threads == 1 and busy.preprocess_workers == 1
+    assert "load average is 1.2 on 2 CPUs" in decision(busy, "threads").reason
+    assert "OMP_WAIT_POLICY=passive" in decision(busy, "threads").reason
+    data["cpu"]["load"] = 7.5
+    assert make_plan(Inventory.from_dict(data), load_config(None, [])).threads == 1
+    assert make_plan(Inventory.from_dict(data), load_config(None, ["device.threads=2"])).threads == 2
+    assert "about" in decision(idle, "training time").choice
+
+
+def test_the_wait_policy_turns_passive_under_load_before_torch_starts():
+    script = ("import os; os.getloadavg = lambda: (LOAD, 0.0, 0.0); import hetlm.openmp as o; "
+              "print(o.set_wait_policy())")
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    busy = subprocess.run([sys.executable, "-c", script.replace("LOAD", "64.0")], env=env, capture_output=True, text=True)
+    idle = subprocess.run([sys.executable, "-c", script.replace("LOAD", "0.0")], env=env, capture_output=True, text=True)
+    chosen = subprocess.run([sys.executable, "-c", script.replace("LOAD", "64.0")], capture_output=True, text=True,
+                            env={**env, "OMP_WAIT_POLICY": "ACTIVE"})
+    assert (busy.stdout.strip(), idle.stdout.strip(), chosen.stdout.strip()) == ("passive", "default", "active")
