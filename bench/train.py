@@ -84,7 +84,7 @@ def planned(config, plan, tokens: np.ndarray, batch: int):
     device = plan.torch_device
     model = Transformer(config.model).to(device).train()
     plan.prepare_model(model)
-    optimizer = make_optimizer(model, config.train, device)
+    optimizer = make_optimizer(model.named_parameters(), config.train, device)
     scaler = torch.amp.GradScaler(device.type, enabled=plan.grad_scaler)
     if plan.compile:
         model.compile_blocks()
@@ -167,7 +167,7 @@ def main() -> None:
             if mode_plan is None:
                 label = "fp32 eager, AdamW default (foreach), inline batches"
             else:
-                probe = make_optimizer(torch.nn.Linear(1, 1), config.train, mode_plan.torch_device)
+                probe = make_optimizer(torch.nn.Linear(1, 1).named_parameters(), config.train, mode_plan.torch_device)
                 fused = "fused" if probe.param_groups[0].get("fused") else "foreach"
                 label = (f"{mode_plan.dtype} (attention {mode_plan.attention_dtype}) on {mode_plan.device}, "
                          f"compile {'on (blocks)' if mode_plan.compile else 'off'}, AdamW {fused}, prefetch thread")

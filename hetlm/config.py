@@ -31,6 +31,7 @@ DEVICES = ("auto", "cpu", "mps", "cuda", "cuda:N")
 DTYPES = ("auto", "fp32", "bf16", "fp16")
 COMPILE_CHOICES = ("auto", "on", "off")
 QUANTIZE_CHOICES = ("none", "int8")
+OFFLOAD_CHOICES = ("auto", "off", "on")
 
 
 def setting(default: Any, help: str, choices: tuple[str, ...] = ()) -> Any:
@@ -120,7 +121,9 @@ class TrainConfig:
     """Optimisation, evaluation during training, checkpoints and logging."""
 
     seed: int = setting(1337, "Seeds the initial weights and the order in which training windows are drawn")
-    micro_batch_size: int = setting(16, "Sequences per forward/backward pass on one device")
+    micro_batch_size: int = setting(
+        0, "Sequences per forward/backward pass on one device; 0 lets the planner take the largest that fits, up to the "
+           "global batch (16 sequences when global_batch_tokens is 0)")
     global_batch_tokens: int = setting(
         0, "Tokens per optimizer step across all devices, reached by accumulating micro-batches; 0 means one micro-batch "
            "per device")
@@ -142,11 +145,23 @@ class TrainConfig:
     keep_last: int = setting(2, "Newest checkpoints kept; the best by validation loss is kept as well")
     max_bad_steps: int = setting(5, "Consecutive non-finite losses tolerated before the run stops")
     deterministic: bool = setting(False, "Use torch's deterministic algorithms, so a resumed CPU run is bit-identical")
+    activation_checkpointing: str = setting(
+        "auto", "Recompute blocks' activations in backward instead of keeping them: none, all, N (every N-th block), or "
+                "auto: the least recomputation that lets the micro-batch fit")
+    optimizer_offload: str = setting(
+        "auto", "Keep the fp32 master weights and AdamW moments in CPU RAM and step them on the CPU while backward runs: "
+                "on, off, or auto: on when weights, gradients and AdamW state do not fit the device but fit RAM",
+        OFFLOAD_CHOICES)
 
     def validate(self) -> None:
-        for name in ("micro_batch_size", "max_steps", "eval_every", "eval_windows", "log_every",
-                     "checkpoint_every", "keep_last", "max_bad_steps"):
+        for name in ("max_steps", "eval_every", "eval_windows", "log_every", "checkpoint_every", "keep_last",
+                     "max_bad_steps"):
             _check(getattr(self, name) > 0, f"train.{name} must be positive")
+        _check(self.micro_batch_size >= 0, "train.micro_batch_size must be >= 0 (0 = let the planner choose)")
+        spacing = self.activation_checkpointing
+        _check(spacing in ("auto", "none", "all") or (spacing.isdigit() and int(spacing) > 0),
+               "train.activation_checkpointing must be auto, none, all or a positive N (every N-th block)")
+        _check(self.optimizer_offload in OFFLOAD_CHOICES, f"train.optimizer_offload must be {_either(OFFLOAD_CHOICES)}")
         _check(self.global_batch_tokens >= 0, "train.global_batch_tokens must be >= 0")
         _check(self.learning_rate > 0, "train.learning_rate must be positive")
         _check(0 <= self.min_lr <= self.learning_rate, "train.min_lr must be between 0 and train.learning_rate")

@@ -14,6 +14,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from hetlm.config import ModelConfig
 
@@ -225,6 +226,8 @@ class Transformer(nn.Module):
         # Not persistent: derived from the config, so checkpoints hold only learned weights.
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
+        # Set by the plan for training: every N-th block (0: none) recomputes its activations in backward.
+        self.checkpoint_every = 0
         # Set by ``place``: each block's device, and the RoPE tables on each of them.
         self.block_devices: list[torch.device] | None = None
         self.rope_copies: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
@@ -356,8 +359,13 @@ class Transformer(nn.Module):
                     cos, sin = (t[start : start + T] for t in self.rope_copies[device])
                     rope_device = device
             # The noise is drawn outside the (possibly compiled) block: random numbers drawn inside a compiled
-            # CPU graph cost more than the rest of the block.
-            x = block(x, cos, sin, cache, i, dropout_noise(x, 2) if p else None)
+            # CPU graph cost more than the rest of the block. Being an input, it is also what makes a recomputed
+            # block (activation checkpointing) drop the same elements as the first pass.
+            noise = dropout_noise(x, 2) if p else None
+            if self.training and self.checkpoint_every and i % self.checkpoint_every == 0:
+                x = checkpoint(block, x, cos, sin, cache, i, noise, use_reentrant=False)
+            else:
+                x = block(x, cos, sin, cache, i, noise)
         if cache is not None:
             cache.length += T
         x = self.model.norm(to_device(x, self.output_device))

@@ -69,6 +69,8 @@ CPU_RAM_FRACTION = 0.85
 # Metal lets one process wire about two thirds of unified memory.
 MPS_RAM_FRACTION = 2 / 3
 RUNTIME_OVERHEAD = {"cuda": 600 * 2**20, "mps": 400 * 2**20, "cpu": 300 * 2**20}
+# Sequences per step when neither train.micro_batch_size nor train.global_batch_tokens says.
+DEFAULT_MICRO_BATCH = 16
 FRAGMENTATION = 0.10
 
 # Dense peak FLOP/s by GPU name fragment: (bf16/fp16 tensor cores with fp32 accumulation, plain fp32).
@@ -453,6 +455,12 @@ class Plan:
     # Inference: predicted tokens per second of decoding (per sequence) and of prefill.
     decode_tokens_per_s: float = 0.0
     prefill_tokens_per_s: float = 0.0
+    # Training: sequences per forward/backward, micro-batches per optimizer step on this process, every N-th block
+    # recomputed in backward (0: none), and the AdamW state stepped in CPU RAM.
+    micro_batch_size: int = 0
+    accumulation: int = 1
+    checkpoint_every: int = 0
+    optimizer_offload: bool = False
 
     def physical(self, device: str) -> torch.device:
         """The torch device that runs the plan's ``device`` (itself unless device.alias maps it)."""
@@ -524,7 +532,9 @@ class Plan:
         return all(m.fits for m in self.memory)
 
     def prepare_model(self, model: Any) -> None:
-        """Give a Transformer the plan's per-module settings (where attention's dtype differs from autocast's)."""
+        """Give a Transformer the plan's per-module settings: attention's dtype where it differs from autocast's, and
+        which blocks recompute their activations in backward."""
+        model.checkpoint_every = self.checkpoint_every
         if self.attention_dtype == self.dtype:
             model.set_attention_dtype(None)
         else:
@@ -652,12 +662,17 @@ def make_plan(inventory: Inventory, config: Config, workload: str = "train", wor
     else:
         peak = _mps_peak(inventory.cpu) if kind == "mps" else _cpu_peak(inventory.cpu, dtype, threads)
 
-    micro_batch = config.train.micro_batch_size if training else config.eval.batch_size
-    tokens_per_step = config.train.global_batch_tokens or micro_batch * model.context_length * world_size
-    compile_, why = _choose_compile(inventory, kind, config, workload, model, tokens_per_step / world_size, peak)
+    fit = _fit_training(config, inventory, device, dtype, world_size, caps, decisions) if training else None
+    micro_batch = fit.micro_batch if fit is not None else config.eval.batch_size
+    accumulation = fit.accumulation if fit is not None else 1
+    tokens_per_step = micro_batch * accumulation * model.context_length * world_size
+    compile_, why = _choose_compile(inventory, kind, config, workload, model, micro_batch, tokens_per_step / world_size,
+                                    peak)
     decisions.append(Decision("compile", "on" if compile_ else "off", why))
     if training:
         seconds = _estimated_run_seconds(config, model, kind, micro_batch, tokens_per_step / world_size, peak)
+        if fit.checkpoint_every:
+            seconds *= 1 + len(range(0, model.n_layers, fit.checkpoint_every)) / model.n_layers / 3
         budget = f", capped by train.max_time={config.train.max_time}" if config.train.max_time else ""
         decisions.append(Decision(
             "training time", f"about {_duration(seconds)}",
@@ -702,10 +717,8 @@ def make_plan(inventory: Inventory, config: Config, workload: str = "train", wor
         placements = whole(device, model.n_layers)
         decisions.append(Decision("placement", f"layers 0-{model.n_layers - 1} on {device}",
                                   "training runs each process's whole model on one device"))
-        available = _available_memory(inventory, kind, cuda, world_size, caps)
-        estimate = memory_estimate(config, device, micro_batch, dtype, training, available)
-        decisions.append(_memory_decision(config, estimate, micro_batch, dtype, training, world_size))
-        memory = (estimate,)
+        decisions.append(_memory_decision(config, fit.memory[0], micro_batch, dtype, training, world_size, fit))
+        memory = fit.memory
 
     return Plan(
         workload=workload,
@@ -728,7 +741,111 @@ def make_plan(inventory: Inventory, config: Config, workload: str = "train", wor
         aliases=aliases,
         decode_tokens_per_s=decode_rate,
         prefill_tokens_per_s=prefill_rate,
+        micro_batch_size=micro_batch if training else 0,
+        accumulation=accumulation,
+        checkpoint_every=fit.checkpoint_every if fit is not None else 0,
+        optimizer_offload=fit.offload if fit is not None else False,
     )
+
+
+@dataclass(frozen=True)
+class TrainingFit:
+    micro_batch: int
+    accumulation: int
+    # 0: no activation checkpointing; N: every N-th block recomputes its activations in backward.
+    checkpoint_every: int
+    offload: bool
+    memory: tuple[MemoryEstimate, ...]
+    plain: MemoryEstimate
+
+
+def _global_sequences(config: Config, world_size: int) -> int:
+    """Sequences per optimizer step on each process: the global batch's share, or 16 when it is not set."""
+    T = planning_model(config).context_length
+    if config.train.global_batch_tokens:
+        return max(1, round(config.train.global_batch_tokens / (T * world_size)))
+    return config.train.micro_batch_size or DEFAULT_MICRO_BATCH
+
+
+def _fit_training(config: Config, inventory: Inventory, device: str, dtype: str, world_size: int,
+                  caps: dict[str, int], decisions: list[Decision]) -> TrainingFit:
+    """Micro-batch, accumulation, activation checkpointing and optimizer offload for the memory there is."""
+    model = planning_model(config)
+    tc = config.train
+    kind = device.split(":")[0]
+    cuda = inventory.cuda[int(device.split(":")[1])] if kind == "cuda" else None
+    available = _available_memory(inventory, kind, cuda, world_size, caps)
+    ram = _available_memory(inventory, "cpu", None, world_size, caps)
+    sequences = _global_sequences(config, world_size)
+    L = model.n_layers
+    # Least recomputation first: one block in L, then denser, then every block.
+    spacings = sorted({L, *(max(1, L // k) for k in range(2, L + 1)), 1}, reverse=True)
+    wanted = tc.activation_checkpointing
+    if wanted == "none":
+        options = [0]
+    elif wanted == "all":
+        options = [1]
+    elif wanted == "auto":
+        options = [0, *spacings]
+    else:
+        options = [int(wanted)]
+    speculative = tc.grad_clip > 0
+    offload_ram = offload_estimate(config, ram, speculative)
+    static_fits = memory_estimate(config, device, 1, dtype, True, available).total - \
+        memory_estimate(config, device, 1, dtype, True, 2**62).activations <= available
+    if tc.optimizer_offload == "on":
+        offload, why_offload = True, "set by train.optimizer_offload"
+    elif tc.optimizer_offload == "off" or kind == "cpu":
+        offload = False
+        why_offload = "set by train.optimizer_offload" if tc.optimizer_offload == "off" else \
+            "training runs on the CPU: its RAM already holds the optimizer state"
+    else:
+        offload = not static_fits and offload_ram.fits
+        why_offload = ("weights, gradients and AdamW state do not fit " + device + " but fit RAM: the moments and "
+                       "master weights move to the CPU, which steps them while backward runs") if offload else \
+            ("weights, gradients and AdamW state fit " + device if static_fits else "the optimizer state fits neither "
+             + device + " nor RAM")
+    if offload and dtype == "fp16":
+        raise UsageError("train.optimizer_offload does not work with fp16's gradient scaler; use bf16 or fp32")
+
+    def estimate(micro: int, spacing: int) -> MemoryEstimate:
+        return memory_estimate(config, device, micro, dtype, True, available, spacing, offload)
+
+    if tc.micro_batch_size:
+        micro = tc.micro_batch_size
+        spacing = next((n for n in options if estimate(micro, n).fits), options[-1])
+    else:
+        micro, spacing = 0, options[-1]
+        for n in options:
+            micro = largest_micro_batch(config, device, dtype, True, available, sequences, n, offload)
+            if micro:
+                spacing = n
+                break
+        # Prefer a micro-batch that divides the step's sequences, unless that costs more than half of it.
+        if micro:
+            exact = next(b for b in range(micro, 0, -1) if sequences % b == 0)
+            micro = exact if exact * 2 > micro else micro
+        micro = max(1, micro)
+    accumulation = max(1, math.ceil(sequences / micro)) if tc.global_batch_tokens or not tc.micro_batch_size else 1
+    chosen = estimate(micro, spacing)
+    plain = memory_estimate(config, device, micro, dtype, True, available)
+    how = "set by train.micro_batch_size" if tc.micro_batch_size else (
+        f"the largest that fits, up to the {sequences} sequences of a step")
+    decisions.append(Decision("micro-batch", f"{micro} x {accumulation} accumulation", how))
+    if spacing:
+        recomputed = len(range(0, L, spacing))
+        checkpoint_why = "set by train.activation_checkpointing" if wanted != "auto" else (
+            f"the least recomputation that fits micro-batch {micro}: activations {_gib(plain.activations)} -> "
+            f"{_gib(chosen.activations)}")
+        decisions.append(Decision("activation checkpointing", f"{recomputed} of {L} blocks", checkpoint_why + (
+            "; recomputing a block costs about a third of its step time")))
+    else:
+        decisions.append(Decision("activation checkpointing", "none",
+                                  "set by train.activation_checkpointing" if wanted != "auto" else
+                                  "activations fit without recomputation"))
+    decisions.append(Decision("optimizer offload", "on" if offload else "off", why_offload))
+    memory = (chosen, offload_ram) if offload else (chosen,)
+    return TrainingFit(micro, accumulation, spacing, offload, memory, plain)
 
 
 def _check_aliases(inventory: Inventory, aliases: dict[str, str], caps: dict[str, int]) -> tuple[tuple[str, str], ...]:
@@ -1008,7 +1125,8 @@ def _estimated_run_seconds(
 
 
 def _choose_compile(
-    inventory: Inventory, kind: str, config: Config, workload: str, model: ModelConfig, tokens_per_step: float, peak: float,
+    inventory: Inventory, kind: str, config: Config, workload: str, model: ModelConfig, micro_batch: int,
+    tokens_per_step: float, peak: float,
 ) -> tuple[bool, str]:
     wanted = config.device.compile
     if wanted != "auto":
@@ -1026,7 +1144,7 @@ def _choose_compile(
             "attention dropout takes CPU attention off the flash kernel, and compiled steps then measured no faster "
             "than eager, so the compile time would be lost"
         )
-    seconds = _estimated_run_seconds(config, model, kind, config.train.micro_batch_size, tokens_per_step, peak)
+    seconds = _estimated_run_seconds(config, model, kind, micro_batch, tokens_per_step, peak)
     threshold = COMPILE_MIN_SECONDS[kind]
     estimate = f"the run is estimated at {_duration(seconds)}"
     if seconds < threshold:
@@ -1083,11 +1201,15 @@ def _available_memory(inventory: Inventory, kind: str, cuda: CudaDevice | None, 
     return int(inventory.cpu.ram_bytes * fraction) // world_size
 
 
-def memory_estimate(config: Config, device: str, micro_batch: int, dtype: str, training: bool, available: int) -> MemoryEstimate:
+def memory_estimate(config: Config, device: str, micro_batch: int, dtype: str, training: bool, available: int,
+                    checkpoint_every: int = 0, offload: bool = False) -> MemoryEstimate:
     """Bytes one process needs on ``device`` at ``micro_batch`` sequences, against ``available``.
 
     Weights stay fp32 (with AdamW's two fp32 moments when training); under autocast the
     matmul inputs and outputs saved for backward are 2 bytes, norms and RoPE products fp32.
+    With ``checkpoint_every`` N, every N-th block keeps only its input and recomputes the rest in backward
+    (one block's full activations live at a time then); with ``offload`` the AdamW moments live in CPU RAM
+    (``offload_estimate``).
     """
     model = planning_model(config)
     kind = device.split(":")[0]
@@ -1098,7 +1220,7 @@ def memory_estimate(config: Config, device: str, micro_batch: int, dtype: str, t
     D, F, V, KE = model.d_model, model.ffn_dim, model.vocab_size, model.kv_heads * model.head_dim
     weights = 4 * params
     gradients = 4 * params if training else 0
-    optimizer = 8 * params if training else 0
+    optimizer = 8 * params if training and not offload else 0
     if training:
         # Per token and layer: two RMSNorms keep ~3 fp32 tensors each, RoPE two fp32 products,
         # the projections their inputs/outputs, SwiGLU four F-wide tensors.
@@ -1107,7 +1229,9 @@ def memory_estimate(config: Config, device: str, micro_batch: int, dtype: str, t
             per_token_layer += a * 2 * D  # keys and values repeated to every query head
         if model.dropout > 0:
             per_token_layer += 2 * 2 * D  # int16 dropout noise of the two residual branches
-        activations = B * T * (L * per_token_layer + 4 * D * 4)
+        recomputed = len(range(0, L, checkpoint_every)) if checkpoint_every else 0
+        kept = (L - recomputed) * per_token_layer + recomputed * a * D + (per_token_layer if recomputed else 0)
+        activations = B * T * (kept + 4 * D * 4)
         if model.attention_dropout > 0 and kind != "cuda":
             activations += B * L * model.n_heads * T * T * 12  # off CUDA: three fp32 score-sized tensors kept for backward
         if kind == "mps":
@@ -1124,12 +1248,23 @@ def memory_estimate(config: Config, device: str, micro_batch: int, dtype: str, t
     )
 
 
-def largest_micro_batch(config: Config, device: str, dtype: str, training: bool, available: int, upper: int) -> int:
+def offload_estimate(config: Config, available: int, speculative: bool) -> MemoryEstimate:
+    """CPU RAM the optimizer offload takes: fp32 master weights, the AdamW moments, pinned gradient buffers, and
+    with ``speculative`` stepping (clipping on) a copy of weights and moments to undo a step with."""
+    params = _parameters(planning_model(config))
+    weights, optimizer, gradients = 4 * params, 8 * params, 4 * params
+    undo = 12 * params if speculative else 0
+    total = weights + optimizer + gradients + undo
+    return MemoryEstimate("cpu", weights, gradients, optimizer + undo, 0, 0, 0, total, available, fits=total <= available)
+
+
+def largest_micro_batch(config: Config, device: str, dtype: str, training: bool, available: int, upper: int,
+                        checkpoint_every: int = 0, offload: bool = False) -> int:
     """The largest micro-batch in [1, upper] whose estimate fits ``available`` (0 when none does)."""
     low, high = 0, upper
     while low < high:
         mid = (low + high + 1) // 2
-        if memory_estimate(config, device, mid, dtype, training, available).fits:
+        if memory_estimate(config, device, mid, dtype, training, available, checkpoint_every, offload).fits:
             low = mid
         else:
             high = mid - 1
@@ -1137,13 +1272,22 @@ def largest_micro_batch(config: Config, device: str, dtype: str, training: bool,
 
 
 def _memory_decision(
-    config: Config, estimate: MemoryEstimate, micro_batch: int, dtype: str, training: bool, world_size: int
+    config: Config, estimate: MemoryEstimate, micro_batch: int, dtype: str, training: bool, world_size: int,
+    fit: TrainingFit | None = None,
 ) -> Decision:
     need, have = _gib(estimate.total), _gib(estimate.available)
+    if fit is not None and fit.offload and not fit.memory[1].fits:
+        return Decision("memory", "does not fit", (
+            f"the offloaded optimizer state needs about {_gib(fit.memory[1].total)} of RAM but the CPU has "
+            f"{_gib(fit.memory[1].available)}: use a smaller model, or a machine with more memory"))
     if estimate.fits:
-        return Decision("memory", "fits", f"about {need} of {have} available on {estimate.device}")
+        plain = "" if fit is None or fit.plain.total == estimate.total else (
+            f" (without checkpointing or offload: {_gib(fit.plain.total)})")
+        return Decision("memory", "fits", f"about {need} of {have} available on {estimate.device}{plain}")
     batch_key = "train.micro_batch_size" if training else "eval.batch_size"
-    best = largest_micro_batch(config, estimate.device, dtype, training, estimate.available, micro_batch - 1)
+    spacing, offload = (fit.checkpoint_every, fit.offload) if fit is not None else (0, False)
+    best = largest_micro_batch(config, estimate.device, dtype, training, estimate.available, micro_batch - 1, spacing,
+                               offload)
     if best == 0:
         return Decision("memory", "does not fit", (
             f"needs about {need} but {estimate.device} has {have}, even at {batch_key}=1: "

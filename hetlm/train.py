@@ -37,6 +37,7 @@ from hetlm.errors import HetlmError, UsageError
 from hetlm.evaluate import count_bytes, token_byte_lengths
 from hetlm.metrics import MetricsLog, eval_record, finite, plot_losses
 from hetlm.model import flops_per_token
+from hetlm.offload import OptimizerOffload
 from hetlm.planner import Plan
 from hetlm.reporting import NullReporter, Reporter
 from hetlm.store import Checkpoint, DataFolder, RunDir, resolve
@@ -73,18 +74,10 @@ def fit_decay_steps(step: int, seconds_per_step: float, seconds_left: float, tra
     return max(step + 1, min(train.max_steps, step + int(seconds_left / seconds_per_step)))
 
 
-def accumulation_steps(train: TrainConfig, context_length: int, world_size: int) -> int:
-    """Micro-batches per optimizer step on each process so that the step sees train.global_batch_tokens."""
-    per_micro = train.micro_batch_size * context_length * world_size
-    if not train.global_batch_tokens:
-        return 1
-    return max(1, round(train.global_batch_tokens / per_micro))
-
-
-def make_optimizer(model: torch.nn.Module, train: TrainConfig, device: torch.device) -> torch.optim.AdamW:
+def make_optimizer(named_parameters: Any, train: TrainConfig, device: torch.device) -> torch.optim.AdamW:
     """AdamW without weight decay on norms and embeddings; the fused kernel where torch has one for ``device``."""
     decay, no_decay = [], []
-    for name, param in model.named_parameters():
+    for name, param in named_parameters:
         if param.requires_grad:
             (no_decay if param.ndim < 2 or "embed_tokens" in name else decay).append(param)
     groups = [{"params": decay, "weight_decay": train.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
@@ -120,9 +113,10 @@ class TrainStep:
 
     def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, plan: Plan,
                  train: TrainConfig, accumulation: int = 1, step_model: torch.nn.Module | None = None, ddp: Any = None,
-                 world_size: int = 1) -> None:
+                 world_size: int = 1, offload: OptimizerOffload | None = None) -> None:
         self.model, self.optimizer, self.scaler, self.plan, self.train = model, optimizer, scaler, plan, train
         self.accumulation = accumulation
+        self.offload = offload
         self.step_model = step_model if step_model is not None else model
         self.ddp = ddp
         self.world_size = world_size
@@ -142,6 +136,8 @@ class TrainStep:
         for micro in range(self.accumulation):
             x, y = split_inputs_targets(next(batches))
             last = micro == self.accumulation - 1
+            if last and self.offload is not None:
+                self.offload.arm(lr)
             sync = contextlib.nullcontext() if self.ddp is None or last else self.ddp.no_sync()
             with sync:
                 with self.plan.autocast():
@@ -153,6 +149,21 @@ class TrainStep:
             # The global mean loss: every rank then takes the same skip decision and logs the same figure.
             tdist.all_reduce(step_loss)
             step_loss /= self.world_size
+        if self.offload is not None:
+            # The CPU has stepped (or put back and stepped again) and the new weights are on their way.
+            bad = self.offload.finish(step_loss, self.train.grad_clip or math.inf)[1].to(step_loss.device)
+            self.model.zero_grad(set_to_none=True)
+        else:
+            bad = self._step_on_device(step_loss)
+
+        badf = bad.float()
+        self.loss_sum += torch.where(bad, 0.0, step_loss)
+        self.good += 1.0 - badf
+        self.bad_new += badf
+        self.bad_run.mul_(badf).add_(badf)
+        torch.maximum(self.bad_worst, self.bad_run, out=self.bad_worst)
+
+    def _step_on_device(self, step_loss: torch.Tensor) -> torch.Tensor:
         self.scaler.unscale_(self.optimizer)
         norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.train.grad_clip or math.inf, foreach=True)
         bad = ~(torch.isfinite(step_loss) & torch.isfinite(norm))
@@ -166,12 +177,7 @@ class TrainStep:
         elif not bad.item():
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        badf = bad.float()
-        self.loss_sum += torch.where(bad, 0.0, step_loss)
-        self.good += 1.0 - badf
-        self.bad_new += badf
-        self.bad_run.mul_(badf).add_(badf)
-        torch.maximum(self.bad_worst, self.bad_run, out=self.bad_worst)
+        return bad
 
     def read(self, reset: bool = True) -> tuple[float | None, int, int]:
         """(mean loss of the good steps since the last reset, bad steps since the last read, longest bad run)."""
@@ -382,7 +388,11 @@ def train(config: Config, plan: Plan, out: Path | None = None, resume: str = "au
         if config.train.deterministic:
             os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
             torch.use_deterministic_algorithms(True, warn_only=True)
-        return Trainer(config, plan, out, resume, reporter if procs.main else NullReporter(), procs).run()
+        trainer = Trainer(config, plan, out, resume, reporter if procs.main else NullReporter(), procs)
+        try:
+            return trainer.run()
+        finally:
+            trainer.close()
     finally:
         torch.use_deterministic_algorithms(deterministic)
         if procs.distributed and tdist.is_initialized():
@@ -404,14 +414,24 @@ class Trainer:
         self.run_dir = RunDir(Path(out) if out is not None else default_run_dir(self.config))
         self.max_time = parse_duration(tc.max_time, "train.max_time") if tc.max_time else None
         T = self.config.model.context_length
-        self.accumulation = accumulation_steps(tc, T, procs.world_size)
-        self.tokens_per_step = self.accumulation * tc.micro_batch_size * T * procs.world_size
+        if not plan.fits:
+            # Authoritative: nothing is written or removed for a run that would run out of memory.
+            reason = next((d.reason for d in plan.decisions if d.stage == "memory"), "")
+            raise UsageError(f"the plan does not fit in memory: {reason}")
+        if plan.optimizer_offload and procs.distributed:
+            raise UsageError("train.optimizer_offload works in a single process for now: set it off under torchrun")
+        self.micro_batch = plan.micro_batch_size
+        self.accumulation = plan.accumulation
+        self.tokens_per_step = self.accumulation * self.micro_batch * T * procs.world_size
         plan.apply()
 
         self.loaded_from = self._prepare_run(resume)
         check_compatible(self.loaded_from, self.config, self.data, self.run_dir.path)
         self.model = self.loaded_from.model(self.device).train()
-        self.optimizer = make_optimizer(self.model, tc, self.device)
+        self.offload = OptimizerOffload(self.model, tc, make_optimizer, speculative=tc.grad_clip > 0) \
+            if plan.optimizer_offload else None
+        self.optimizer = self.offload.optimizer if self.offload is not None else \
+            make_optimizer(self.model.named_parameters(), tc, self.device)
         self.fused = bool(self.optimizer.param_groups[0].get("fused"))
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=bool(plan.grad_scaler))
         self.generator = torch.Generator()
@@ -430,11 +450,15 @@ class Trainer:
             self.ddp = DistributedDataParallel(self.model, device_ids=ids)
         if plan.compile:
             self.model.compile_blocks()
-        self.stepper = TrainStep(self.model, self.optimizer, self.scaler, plan, tc, self.accumulation,
+        self.stepper = TrainStep(self.model, self.optimizer, self.scaler, plan, tc, self.accumulation, offload=self.offload,
                                  step_model=self.ddp if self.ddp is not None else self.model, ddp=self.ddp,
                                  world_size=procs.world_size)
         # Started by ``run``: the loader's thread draws from the generator from then on.
         self.loader: PrefetchLoader | None = None
+
+    def close(self) -> None:
+        if self.offload is not None:
+            self.offload.close()
 
     # -- setup
 
@@ -529,7 +553,7 @@ class Trainer:
         if tc.global_batch_tokens and self.tokens_per_step != tc.global_batch_tokens:
             self.reporter.warning(
                 f"train.global_batch_tokens={tc.global_batch_tokens} is not a multiple of micro_batch_size x context x "
-                f"processes ({tc.micro_batch_size * T * procs.world_size}); using {self.tokens_per_step} tokens per step"
+                f"processes ({self.micro_batch * T * procs.world_size}); using {self.tokens_per_step} tokens per step"
             )
         if state.step >= tc.max_steps:
             self.reporter.info(
@@ -545,15 +569,18 @@ class Trainer:
         stop = _StopFlag()
         stop.install()
         self.loader = PrefetchLoader(
-            self.train_tokens, tc.micro_batch_size, T + 1, self.generator, prefetch=self.plan.prefetch,
+            self.train_tokens, self.micro_batch, T + 1, self.generator, prefetch=self.plan.prefetch,
             device=self.device, pin_memory=self.plan.pin_memory, non_blocking=self.plan.non_blocking,
         )
         self.reporter.info(
             f"training {self.run_dir.path} from step {state.step} ({self.loaded_from.path.name}) to {tc.max_steps}: "
-            f"{self.tokens_per_step:,} tokens per step ({self.accumulation} x {tc.micro_batch_size} x {T}"
+            f"{self.tokens_per_step:,} tokens per step ({self.accumulation} x {self.micro_batch} x {T}"
             + (f" x {procs.world_size} processes" if procs.distributed else "")
             + f"), AdamW {'fused' if self.fused else 'foreach'}, {self.plan.dtype} on {self.device}"
             + (", compiled" if self.plan.compile else "")
+            + (f", activations recomputed in every {_nth(self.plan.checkpoint_every)} block" if self.plan.checkpoint_every
+               else "")
+            + (", AdamW state offloaded to the CPU" if self.offload is not None else "")
         )
         self.reporter.start("train", total=tc.max_steps)
         self.reporter.advance("train", state.step)
@@ -718,7 +745,7 @@ class Trainer:
         return eta
 
     def _evaluate(self) -> dict[str, Any]:
-        loss = mean_loss(self.model, self.val_windows, self.plan.autocast, self.train_cfg.micro_batch_size)
+        loss = mean_loss(self.model, self.val_windows, self.plan.autocast, self.micro_batch)
         step = self.state.step
         record = eval_record(step, loss, self.val_windows[:, 1:].numel(), self.val_bytes)
         if math.isfinite(loss) and (self.state.best is None or loss < self.state.best[0]):
@@ -745,3 +772,7 @@ def _wait(device: torch.device) -> None:
         torch.cuda.synchronize(device)
     elif device.type == "mps":
         torch.mps.synchronize()
+
+
+def _nth(n: int) -> str:
+    return {1: "", 2: "2nd", 3: "3rd"}.get(n, f"{n}th")

@@ -176,8 +176,9 @@ def test_model_that_does_not_fit_gets_a_proposal():
     assert 1 <= proposed < 64 and proposed * steps == 64
     config = load_config(None, sets)
     available = plan.memory[0].available
-    assert memory_estimate(config, "cuda:0", proposed, "bf16", True, available).fits
-    assert not memory_estimate(config, "cuda:0", proposed * 2, "bf16", True, available).fits
+    spacing = plan.checkpoint_every
+    assert memory_estimate(config, "cuda:0", proposed, "bf16", True, available, spacing).fits
+    assert not memory_estimate(config, "cuda:0", proposed * 2, "bf16", True, available, spacing).fits
     # The proposal itself plans as fitting.
     assert plan_for("one-8gb-gpu", *sets[:-1], f"train.micro_batch_size={proposed}").fits
 
