@@ -94,4 +94,9 @@ def summary_table(manifest: dict[str, Any]) -> Table:
     for name, entry in [*rows, ("total", totals)]:
         ratio = entry["bytes"] / entry["tokens"] if entry["tokens"] else 0.0
         table.add_row(name, f"{entry['documents']:,}", f"{entry['bytes']:,}", f"{entry['tokens']:,}", f"{ratio:.2f}")
+    if chars := tok.get("characters"):
+        table.caption = (f"characters in the tokenizer's sample: {chars['own_pieces']:,} of {chars['distinct']:,} have "
+                         f"their own pieces, {chars['byte_fallback']:,} fall back to bytes "
+                         f"({chars['byte_fallback_share']:.2%} of the sample's characters)")
+        table.caption_justify = "left"
     return table
