@@ -1,17 +1,22 @@
-"""``hetlm deploy``: a self-contained bundle that hetlm, Hugging Face ``transformers`` and the server all load.
+"""``hetlm deploy``: a self-contained bundle for hetlm, Hugging Face ``transformers``, llama.cpp and Ollama.
 
-Layout of a bundle folder::
+Layout of a bundle folder; ``--format hf`` (the default) writes the Hugging Face files, ``gguf`` the
+llama.cpp and Ollama files, ``all`` both::
 
-    model.safetensors        weights in the chosen dtype (a tied lm_head stored once, as the embedding)
-    config.json              a LlamaForCausalLM config
-    generation_config.json   hetlm's sampling defaults in transformers' terms
+    model.safetensors        hf: weights in the chosen dtype (a tied lm_head stored once, as the embedding)
+    config.json              hf: a LlamaForCausalLM config
+    generation_config.json   hf: hetlm's sampling defaults in transformers' terms
+    tokenizer_config.json    hf: LlamaTokenizer settings that reproduce SentencePiece's ids exactly
+    special_tokens_map.json  hf
+    model.gguf               gguf: weights, hyperparameters, tokenizer, chat template, sampling defaults
+    Modelfile                gguf: Ollama's recipe for model.gguf (chat template, stop strings, context)
     tokenizer.model          the SentencePiece model
-    tokenizer_config.json    LlamaTokenizer settings that reproduce SentencePiece's ids exactly
-    special_tokens_map.json
     README.md                the model card
     hetlm.json               written last: hetlm's config, metrics, source, and the sha256 of every other file
 
-hetlm's parameter names are Hugging Face's and its RoPE is rotate-half, so the export is a plain copy.
+hetlm's parameter names are Hugging Face's and its RoPE is rotate-half, so the Hugging Face export is a
+plain copy; the GGUF export is described in ``hetlm.gguf_export``. hetlm's own commands load bundles with
+``model.safetensors``.
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ from hetlm import __version__
 from hetlm.chat import CHAT_TEMPLATE
 from hetlm.config import Config
 from hetlm.errors import HetlmError, UsageError
+from hetlm.gguf_export import GGUF_DTYPES, GGUF_FILE, MODELFILE, check_tokenizer, modelfile, ollama_template, write_gguf
 from hetlm.io import sha256_file
 from hetlm.model import DTYPES, parameter_counts
 from hetlm.reporting import NullReporter, Reporter
@@ -40,8 +46,9 @@ from hetlm.store import (
     weights_state_dict,
     write_bundle,
 )
-from hetlm.tokenizer import SPECIAL_IDS
+from hetlm.tokenizer import SPECIAL_IDS, Tokenizer
 
+FORMATS = ("hf", "gguf", "all")
 HF_DTYPE_NAMES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 
 # The eval.json figures the model card shows, when present.
@@ -99,20 +106,14 @@ def hf_generation_config(config: Config) -> dict[str, Any]:
     return generation
 
 
-def _special_pieces(tokenizer_path: Path) -> dict[str, str]:
-    import sentencepiece as spm
-
-    sp = spm.SentencePieceProcessor(model_file=str(tokenizer_path))
-    if sp.get_piece_size() <= max(SPECIAL_IDS.values()):
-        raise UsageError(f"{tokenizer_path} has too few pieces to be a hetlm tokenizer")
-    return {name: sp.id_to_piece(i) for name, i in SPECIAL_IDS.items()}
+def _special_pieces(tokenizer: Tokenizer) -> dict[str, str]:
+    if tokenizer.vocab_size <= max(SPECIAL_IDS.values()):
+        raise UsageError(f"{tokenizer.path} has too few pieces to be a hetlm tokenizer")
+    return {name: tokenizer.id_to_piece(i) for name, i in SPECIAL_IDS.items()}
 
 
-def _adds_dummy_prefix(tokenizer_path: Path) -> bool:
-    import sentencepiece as spm
-
-    sp = spm.SentencePieceProcessor(model_file=str(tokenizer_path))
-    pieces = sp.encode("a", out_type=str)
+def _adds_dummy_prefix(tokenizer: Tokenizer) -> bool:
+    pieces = tokenizer.processor.encode("a", out_type=str)
     return bool(pieces) and pieces[0].startswith("\u2581")
 
 
@@ -172,8 +173,60 @@ def _fmt(value: Any) -> str:
     return str(value)
 
 
+def _hf_usage() -> list[str]:
+    return [
+        "With hetlm:",
+        "",
+        "```bash",
+        "hetlm generate THIS_FOLDER --prompt 'def main('",
+        "hetlm eval THIS_FOLDER",
+        "hetlm serve THIS_FOLDER --port 8000",
+        "```",
+        "",
+        "With Hugging Face transformers (needs `sentencepiece` and `protobuf` for the tokenizer):",
+        "",
+        "```python",
+        "from transformers import AutoModelForCausalLM, AutoTokenizer",
+        "",
+        'tokenizer = AutoTokenizer.from_pretrained("THIS_FOLDER")',
+        'model = AutoModelForCausalLM.from_pretrained("THIS_FOLDER")',
+        "# The tokenizer starts the prompt with <s>, as every training document began.",
+        'inputs = tokenizer("def main(", return_tensors="pt")',
+        "out = model.generate(**inputs, max_new_tokens=40, do_sample=True)",
+        "print(tokenizer.decode(out[0], skip_special_tokens=True))",
+        "```",
+        "",
+    ]
+
+
+def _gguf_usage(name: str, context: int) -> list[str]:
+    return [
+        f"With llama.cpp: `{GGUF_FILE}` holds the tokenizer (it starts the prompt with `<s>`), the chat template and "
+        "the sampling defaults.",
+        "",
+        "```bash",
+        f"llama-server -m THIS_FOLDER/{GGUF_FILE} --ctx-size {context} --jinja",
+        "curl http://127.0.0.1:8080/v1/completions -d '" + json.dumps({"prompt": "def main(", "max_tokens": 40}) + "'",
+        "curl http://127.0.0.1:8080/v1/chat/completions -d '"
+        + json.dumps({"messages": [{"role": "user", "content": "Hi"}], "stop": CHAT_STOP}) + "'",
+        "```",
+        "",
+        f"With Ollama: `{MODELFILE}` sets the chat template, the stop strings, the context and the sampling defaults.",
+        "",
+        "```bash",
+        f"cd THIS_FOLDER && ollama create {name} -f {MODELFILE}",
+        f"ollama run {name} 'def main('",
+        "```",
+        "",
+        f"The context is {context} tokens, the length the model was trained at: it has never seen positions past it, "
+        f"so give llama.cpp `--ctx-size {context}` or less (the Modelfile sets `num_ctx {context}`).",
+        "",
+    ]
+
+
 def model_card(name: str, config: Config, counts: dict[str, int], dtype: str, source: dict[str, Any],
-               metrics: dict[str, Any] | None, data: dict[str, Any] | None = None) -> str:
+               metrics: dict[str, Any] | None, data: dict[str, Any] | None = None,
+               formats: tuple[str, ...] = ("hf",)) -> str:
     m = config.model
     lines = [
         f"# {name}",
@@ -219,55 +272,59 @@ def model_card(name: str, config: Config, counts: dict[str, int], dtype: str, so
         lines += ["| metric | value |", "|---|---|"] + [f"| {k} | {_fmt(v)} |" for k, v in shown.items()]
     else:
         lines.append("No `hetlm eval` results were found for this checkpoint; run `hetlm eval` on the run first.")
+    lines += ["", "## Use it", ""]
+    if "hf" in formats:
+        lines += _hf_usage()
+    if "gguf" in formats:
+        lines += _gguf_usage(name, m.context_length)
     lines += [
-        "",
-        "## Use it",
-        "",
-        "With hetlm:",
-        "",
-        "```bash",
-        "hetlm generate THIS_FOLDER --prompt 'def main('",
-        "hetlm eval THIS_FOLDER",
-        "hetlm serve THIS_FOLDER --port 8000",
-        "```",
-        "",
-        "With Hugging Face transformers (needs `sentencepiece` and `protobuf` for the tokenizer):",
-        "",
-        "```python",
-        "from transformers import AutoModelForCausalLM, AutoTokenizer",
-        "",
-        'tokenizer = AutoTokenizer.from_pretrained("THIS_FOLDER")',
-        'model = AutoModelForCausalLM.from_pretrained("THIS_FOLDER")',
-        "# The tokenizer starts the prompt with <s>, as every training document began.",
-        'inputs = tokenizer("def main(", return_tensors="pt")',
-        "out = model.generate(**inputs, max_new_tokens=40, do_sample=True)",
-        "print(tokenizer.decode(out[0], skip_special_tokens=True))",
-        "```",
-        "",
         "Chat messages are rendered as `Role: content` blocks separated by blank lines, ending with",
-        "`Assistant:` (the tokenizer's chat template does the same).",
+        "`Assistant:` (the chat templates do the same); a reply ends where the model starts the next turn, at "
+        + " or ".join(f"`{json.dumps(text)[1:-1]}`" for text in CHAT_STOP) + ".",
         "",
     ]
     return "\n".join(lines)
 
 
-def deploy(target: Path, out: Path, dtype: str = "fp32", prefer: str = "best",
+def _check_format(output_format: str, dtype: str) -> tuple[str, ...]:
+    """The formats ``--format`` names, once ``--dtype`` is known to suit them."""
+    if output_format not in FORMATS:
+        raise UsageError(f"--format must be one of {', '.join(FORMATS)}, got {output_format!r}")
+    formats = ("hf", "gguf") if output_format == "all" else (output_format,)
+    allowed = GGUF_DTYPES if formats == ("gguf",) else tuple(DTYPES)
+    if dtype not in allowed:
+        if dtype in GGUF_DTYPES:
+            raise UsageError(f"--dtype {dtype} is for GGUF only: use --format gguf (safetensors hold {', '.join(DTYPES)})")
+        raise UsageError(f"--dtype must be one of {', '.join(allowed)}, got {dtype!r}")
+    return formats
+
+
+def deploy(target: Path, out: Path, dtype: str = "fp32", prefer: str = "best", output_format: str = "hf",
            reporter: Reporter = NullReporter()) -> Path:
-    """Write a bundle for a run, checkpoint or bundle ``target`` at ``out``, atomically; returns ``out``."""
-    if dtype not in DTYPES:
-        raise UsageError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    """Write a bundle for a run, checkpoint or bundle ``target`` at ``out``, atomically; returns ``out``.
+
+    ``output_format`` is one of ``FORMATS``: the Hugging Face files, the GGUF file and Modelfile, or both.
+    """
+    formats = _check_format(output_format, dtype)
     out = Path(out)
     target = Path(target)
     if out.exists() and not (out.is_dir() and (is_bundle(out) or not any(out.iterdir()))):
         raise UsageError(f"{out} exists and is not a hetlm bundle; refusing to replace it")
     if out.resolve() == target.resolve():
         raise UsageError("--out must differ from the target")
+    if is_bundle(target) and not (target / WEIGHTS).is_file():
+        raise UsageError(f"{target} holds GGUF weights only; deploy from its run or checkpoint, or from a bundle "
+                         "written with --format hf or all")
     loaded = load_checkpoint(target, "cpu", prefer=prefer, reporter=reporter)
     config = loaded.config
     if not loaded.tokenizer_path.is_file():
         raise HetlmError(f"{loaded.tokenizer_path} is missing")
-    pieces = _special_pieces(loaded.tokenizer_path)
-    if _adds_dummy_prefix(loaded.tokenizer_path):
+    tokenizer = Tokenizer.load(loaded.tokenizer_path)
+    pieces = _special_pieces(tokenizer)
+    if "gguf" in formats:
+        check_tokenizer(tokenizer)
+    dummy_prefix = _adds_dummy_prefix(tokenizer)
+    if dummy_prefix and "hf" in formats:
         reporter.warning("the tokenizer adds a dummy prefix space; transformers' LlamaTokenizer will not give "
                          "hetlm's ids for text that starts without a space")
     source = _source_info(loaded)
@@ -276,18 +333,25 @@ def deploy(target: Path, out: Path, dtype: str = "fp32", prefer: str = "best",
     counts = parameter_counts(config.model)
 
     def fill(folder: Path) -> dict[str, Any]:
-        state = {k: v.to(DTYPES[dtype]).contiguous() for k, v in weights_state_dict(loaded.model).items()}
-        save_file(state, folder / WEIGHTS, metadata={"format": "pt"})
-        del state
-        _write_json(folder / "config.json", hf_config(config, dtype))
-        _write_json(folder / "generation_config.json", hf_generation_config(config))
+        if "hf" in formats:
+            state = {k: v.to(DTYPES[dtype]).contiguous() for k, v in weights_state_dict(loaded.model).items()}
+            save_file(state, folder / WEIGHTS, metadata={"format": "pt"})
+            del state
+            _write_json(folder / "config.json", hf_config(config, dtype))
+            _write_json(folder / "generation_config.json", hf_generation_config(config))
+            _write_json(folder / "tokenizer_config.json", hf_tokenizer_config(pieces, config.model.context_length))
+            _write_json(folder / "special_tokens_map.json",
+                        {f"{name}_token": pieces[name] for name in ("bos", "eos", "unk", "pad")})
+        if "gguf" in formats:
+            # llama.cpp adds a leading space only if told to: say what this tokenizer does.
+            write_gguf(folder / GGUF_FILE, loaded.model, config, tokenizer, dtype, out.name, CHAT_TEMPLATE,
+                       add_space_prefix=dummy_prefix, reporter=reporter)
+            (folder / MODELFILE).write_text(modelfile(config, ollama_template(CHAT_ROLES), CHAT_STOP), encoding="utf-8")
         shutil.copyfile(loaded.tokenizer_path, folder / TOKENIZER)
-        _write_json(folder / "tokenizer_config.json", hf_tokenizer_config(pieces, config.model.context_length))
-        _write_json(folder / "special_tokens_map.json",
-                    {f"{name}_token": pieces[name] for name in ("bos", "eos", "unk", "pad")})
-        (folder / "README.md").write_text(model_card(out.name, config, counts, dtype, source, metrics, data),
+        (folder / "README.md").write_text(model_card(out.name, config, counts, dtype, source, metrics, data, formats),
                                           encoding="utf-8")
         return {
+            "formats": list(formats),
             "dtype": dtype,
             "parameters": counts,
             "chat_template": "Role: content blocks separated by blank lines, ending with 'Assistant:'",

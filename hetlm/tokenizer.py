@@ -5,6 +5,10 @@ SentencePiece's defaults normalise text (NFKC), fold runs of whitespace and map 
 ``LOSSLESS_SETTINGS`` keep every character: identity normalisation, no whitespace folding, no
 dummy prefix (also what Hugging Face's LlamaTokenizer needs to give the same ids), and byte
 fallback so an unseen character becomes its UTF-8 bytes instead of ``<unk>``.
+
+Byte fallback also makes any vocabulary size work: the vocabulary needs room only for the 256 byte
+pieces and the special tokens. When a text has more distinct characters than fit (CJK, say), the most
+frequent ones get their own pieces and the rest are spelled in bytes (see ``train_tokenizer``).
 """
 
 from __future__ import annotations
@@ -13,7 +17,8 @@ import functools
 import hashlib
 import io
 import re
-from collections.abc import Callable, Iterable
+from collections import Counter
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -26,8 +31,16 @@ UNK_ID, BOS_ID, EOS_ID, PAD_ID = 0, 1, 2, 3
 SPECIAL_PIECES = {"unk": "<unk>", "bos": "<s>", "eos": "</s>", "pad": "<pad>"}
 SPECIAL_IDS = {"unk": UNK_ID, "bos": BOS_ID, "eos": EOS_ID, "pad": PAD_ID}
 MODEL_TYPES = ("bpe", "unigram")
-# 256 byte pieces plus the four special tokens.
-MIN_VOCAB_SIZE = 260
+BYTE_PIECES = 256
+# The byte pieces, the four special tokens, and one character: SentencePiece trains no model without one.
+MIN_VOCAB_SIZE = BYTE_PIECES + len(SPECIAL_PIECES) + 1
+# When a text's characters do not all fit in this share of the pieces left after bytes and specials, only
+# the most frequent do, so merges keep the rest. On a Chinese corpus at vocabularies 1000-4096, shares
+# 0.7-0.8 gave the fewest tokens of 0.25-0.9 (README, bench/bytes_per_token.py).
+CHARACTER_SHARE = 0.75
+# What SentencePiece's authors recommend for rich character sets (CJK): characters beyond it are so rare
+# that merges do more with their pieces.
+RICH_COVERAGE = 0.9995
 
 LOSSLESS_SETTINGS: dict[str, Any] = {
     "byte_fallback": True,
@@ -46,7 +59,9 @@ _META = "\u2581"
 TRAINER_THREADS = 4
 
 _TOO_HIGH = re.compile(r"Vocabulary size too high \((\d+)\)\. Please set it to a value <= (\d+)")
-_TOO_FEW_CHARS = re.compile(r"Vocabulary size is smaller than required_chars\. (\d+) vs (\d+)")
+# ModelProto.trainer_spec (field 2) holds TrainerSpec.model_type (field 3); its enum's names by number.
+_PROTO_TRAINER_SPEC, _PROTO_MODEL_TYPE = 2, 3
+_PROTO_MODEL_TYPES = {1: "unigram", 2: "bpe", 3: "word", 4: "char"}
 
 
 class Tokenizer:
@@ -75,6 +90,18 @@ class Tokenizer:
     @property
     def vocab_size(self) -> int:
         return self.processor.GetPieceSize()
+
+    @functools.cached_property
+    def model_type(self) -> str:
+        """The SentencePiece algorithm the model was trained with ("bpe", "unigram"), read from the model file."""
+        for field, value in _proto_fields(self.model_proto):
+            if field == _PROTO_TRAINER_SPEC:
+                for inner, kind in _proto_fields(value):
+                    if inner == _PROTO_MODEL_TYPE:
+                        return _PROTO_MODEL_TYPES.get(kind, f"type {kind}")
+                break
+        # TrainerSpec's default, which protobuf leaves out of the file.
+        return "unigram"
 
     @property
     def unk_id(self) -> int:
@@ -128,6 +155,39 @@ class Tokenizer:
         self.path = Path(path)
 
 
+def _proto_fields(message: bytes) -> Iterator[tuple[int, Any]]:
+    """(field number, value) of each field of a serialized protobuf message: ints for varints, bytes otherwise.
+
+    Enough to read the model type without the protobuf package, which sentencepiece's own reader needs.
+    """
+    position = 0
+    while position < len(message):
+        key, position = _varint(message, position)
+        field, wire = key >> 3, key & 7
+        if wire == 0:
+            value, position = _varint(message, position)
+        elif wire == 2:
+            size, position = _varint(message, position)
+            value, position = message[position:position + size], position + size
+        elif wire in (1, 5):
+            width = 8 if wire == 1 else 4
+            value, position = message[position:position + width], position + width
+        else:
+            raise ValueError(f"protobuf wire type {wire} is not used by SentencePiece models")
+        yield field, value
+
+
+def _varint(message: bytes, position: int) -> tuple[int, int]:
+    value = shift = 0
+    while True:
+        byte = message[position]
+        position += 1
+        value |= (byte & 0x7F) << shift
+        if byte < 0x80:
+            return value, position
+        shift += 7
+
+
 def encode_batch(processor: spm.SentencePieceProcessor, texts: list[str], num_threads: int = 1) -> list[list[int]]:
     """Ids for each text, lossless even for U+2581.
 
@@ -172,26 +232,88 @@ def train_tokenizer(sentences: Iterable[str] | Callable[[], Iterable[str]], voca
 
     ``sentences`` is a collection, or a function returning a fresh iterator over them (a corpus
     reader then streams into SentencePiece without a copy in Python). Every character of the sample
-    gets its own piece when the vocabulary has room. A text with more distinct characters than that
-    (CJK, say) is retried at lower coverage: the rarest characters then go through byte fallback,
-    which is just as lossless.
+    gets its own piece when all of them fit in ``CHARACTER_SHARE`` of the pieces left after bytes and
+    specials; that takes one pass. Otherwise (CJK, or a tiny vocabulary) the sample is read again and
+    only the most frequent characters get pieces: those covering ``RICH_COVERAGE`` of the sample, at
+    most that share. The training text is cut at every other character, so no merge spans one; at
+    encoding time they fall back to their UTF-8 bytes, which is just as lossless.
+
+    ``settings["characters"]`` counts the sample's distinct characters with and without their own
+    pieces; ``settings["character_coverage"]`` is the share of the sample's characters that have one.
     """
     if model_type not in MODEL_TYPES:
         raise UsageError(f"unknown tokenizer type {model_type!r}: use bpe or unigram")
     if vocab_size < MIN_VOCAB_SIZE:
-        raise UsageError(f"vocabulary size {vocab_size} is too small: at least {MIN_VOCAB_SIZE} (256 bytes + 4 specials)")
+        raise UsageError(f"--vocab-size {vocab_size} is too small: the smallest that works is {MIN_VOCAB_SIZE} "
+                         f"({BYTE_PIECES} byte pieces, {len(SPECIAL_PIECES)} special tokens and one character)")
     if not callable(sentences):
         sample = list(sentences)
         sentences = lambda: iter(sample)  # noqa: E731
     settings = {"type": model_type, "vocab_size": vocab_size, **LOSSLESS_SETTINGS}
-    for coverage in (1.0, 0.9995, 0.995):
-        settings["character_coverage"] = coverage
-        try:
-            return Tokenizer(_train(sentences(), settings), settings=settings)
-        except UsageError as exc:
-            if "distinct characters" not in str(exc) or coverage == 0.995:
-                raise
-    raise AssertionError("unreachable")
+    room = max(1, int((vocab_size - MIN_VOCAB_SIZE + 1) * CHARACTER_SHARE))
+    counter = _CharacterCounter(room)
+    try:
+        proto = _train(counter.count(sentences()), settings)
+    except UsageError:
+        if not counter.overflowed:
+            raise
+        proto = _train(_split_at_others(sentences(), counter.most_frequent(room, RICH_COVERAGE)), settings)
+    tokenizer = Tokenizer(proto)
+    tokenizer.settings = {**settings, **_character_report(tokenizer, counter.counts)}
+    return tokenizer
+
+
+class _CharacterCounter:
+    """Counts the characters of the sentences streaming into SentencePiece; when there are more distinct
+    ones than ``limit``, ends the stream with an error, so the training stops before it starts."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.counts: Counter[str] = Counter()
+        self.overflowed = False
+
+    def count(self, sentences: Iterable[str]) -> Iterator[str]:
+        for sentence in sentences:
+            self.counts.update(sentence)
+            yield sentence
+        # SentencePiece skips NUL characters; they can never have a piece.
+        self.counts.pop("\x00", None)
+        if len(self.counts) > self.limit:
+            self.overflowed = True
+            raise OverflowError(f"{len(self.counts)} distinct characters, room for {self.limit}")
+
+    def most_frequent(self, limit: int, coverage: float) -> set[str]:
+        """The fewest most frequent characters (ties in code point order, as SentencePiece orders them)
+        that cover ``coverage`` of the sample, at most ``limit`` of them."""
+        target = coverage * sum(self.counts.values())
+        kept: set[str] = set()
+        covered = 0
+        for char, count in sorted(self.counts.items(), key=lambda item: (-item[1], item[0]))[:limit]:
+            if covered >= target:
+                break
+            kept.add(char)
+            covered += count
+        return kept
+
+
+def _split_at_others(sentences: Iterable[str], kept: set[str]) -> Iterator[str]:
+    """The parts of each sentence between characters outside ``kept``."""
+    others = re.compile("[^" + "".join(re.escape(char) for char in sorted(kept)) + "]+")
+    for sentence in sentences:
+        yield from others.split(sentence)
+
+
+def _character_report(tokenizer: Tokenizer, counts: Counter[str]) -> dict[str, Any]:
+    """How the sample's characters came out: with a piece of their own, or spelled in bytes."""
+    spaced = {" ": _META}
+    fallback = [char for char in counts if tokenizer.piece_to_id(spaced.get(char, char)) == tokenizer.unk_id]
+    total = sum(counts.values())
+    fallback_share = sum(counts[char] for char in fallback) / total if total else 0.0
+    return {
+        "character_coverage": round(1.0 - fallback_share, 6),
+        "characters": {"distinct": len(counts), "own_pieces": len(counts) - len(fallback),
+                       "byte_fallback": len(fallback), "byte_fallback_share": round(fallback_share, 6)},
+    }
 
 
 def _train(sentences: Iterable[str], settings: dict[str, Any]) -> bytes:
@@ -228,11 +350,6 @@ def _training_error(message: str, vocab_size: int) -> UsageError:
         return UsageError(
             f"--vocab-size {vocab_size} is too large for this corpus (it supports at most {fits}): "
             f"use --vocab-size {fits} or less, or add more text"
-        )
-    if match := _TOO_FEW_CHARS.search(message):
-        return UsageError(
-            f"--vocab-size {vocab_size} is too small for this corpus: its distinct characters alone need "
-            f"{match.group(2)} tokens; use --vocab-size {match.group(2)} or more"
         )
     first = message.strip().splitlines()[0] if message.strip() else "unknown error"
     return UsageError(f"tokenizer training failed: {first}")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import itertools
 import json
 import os
 import random
@@ -201,6 +202,41 @@ def test_rerun_does_nothing_and_force_redoes(tmp_path, cli):
     changed = cli(*args[:-4], "--val-fraction", "0.2", "--workers", "1")
     assert changed.code == 0 and "rebuilding" in changed.err
     assert read_data_manifest(out)["split"]["val_fraction"] == 0.2
+
+
+def chinese_docs(chars: int, documents: int = 40, seed: int = 0) -> list[str]:
+    """Text in 5,000 CJK characters with Zipf-like frequencies, in "words" of one to three characters."""
+    rng = random.Random(seed)
+    alphabet = [chr(0x4E00 + i) for i in rng.sample(range(20_000), 5000)]
+    char_weights = list(itertools.accumulate(1 / (r + 1) ** 0.9 for r in range(len(alphabet))))
+    words = ["".join(rng.choices(alphabet, cum_weights=char_weights, k=rng.choice((1, 2, 2, 3)))) for _ in range(20_000)]
+    word_weights = list(itertools.accumulate(1 / (r + 1) for r in range(len(words))))
+    return ["".join(w + (rng.choice("，。\n") if rng.random() < 0.08 else "")
+                    for w in rng.choices(words, cum_weights=word_weights, k=chars // documents // 2))
+            for _ in range(documents)]
+
+
+def test_a_chinese_corpus_takes_any_vocabulary_size(tmp_path, cli):
+    docs = chinese_docs(340_000)
+    corpus = write_files(tmp_path / "corpus", docs)
+    assert 900_000 < sum(len(d.encode()) for d in docs) < 1_200_000
+    distinct = len(set("".join(docs)))
+    assert distinct > 3000
+    shares = {}
+    for size in (1000, 2000):
+        out = tmp_path / f"out-{size}"
+        result = cli("preprocess", corpus, "--out", out, "--vocab-size", str(size), "--val-fraction", "0.1", "-j", "1")
+        assert result.code == 0, result.err
+        assert sorted(documents_of(out, "train") + documents_of(out, "val")) == sorted(docs)
+        chars = read_data_manifest(out)["tokenizer"]["characters"]
+        assert chars["distinct"] <= distinct and chars["own_pieces"] == (size - 260) * 3 // 4
+        assert chars["own_pieces"] + chars["byte_fallback"] == chars["distinct"]
+        shares[size] = chars["byte_fallback_share"]
+        summary = " ".join(result.err.split())
+        assert f"{chars['own_pieces']:,} of {chars['distinct']:,} have their own pieces" in summary
+        assert f"{chars['byte_fallback']:,} fall back to bytes ({shares[size]:.2%}" in summary
+    # More pieces for characters at the larger size: fewer of the corpus's characters fall back.
+    assert 0 < shares[2000] < shares[1000] < 0.5
 
 
 def test_cli_takes_config_and_set(tmp_path, cli):

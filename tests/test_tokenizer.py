@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import itertools
+import random
+
 import pytest
 
 from hetlm.errors import UsageError
 from hetlm.preprocess import stdlib_root
-from hetlm.tokenizer import Tokenizer, encode_batch, train_tokenizer, training_sentences
+from hetlm.tokenizer import MIN_VOCAB_SIZE, Tokenizer, encode_batch, train_tokenizer, training_sentences
 
 ADVERSARIAL = [
     "def f(x):\n    if x:\n        return 1\n\treturn 2\n",
@@ -122,3 +125,58 @@ def test_more_distinct_characters_than_the_vocabulary_holds_fall_back_to_bytes()
     assert tok.settings["character_coverage"] < 1.0
     assert tok.decode(tok.encode(rare)) == rare
     assert tok.decode(tok.encode(common)) == common
+    # The frequent characters have pieces (and merges). Of the rare ones, which are needed for a coverage of
+    # 0.9995, those that fit in 3/4 of the 140 pieces left after bytes and specials have pieces too (the
+    # first in code point order, as SentencePiece breaks ties); the rest are bytes.
+    assert len(tok.encode(common)) < len(common)
+    assert [tok.id_to_piece(i) for i in tok.encode(rare[3])] == [rare[3]]
+    assert [tok.id_to_piece(i) for i in tok.encode(rare[4])] == ["<0xE5>", "<0xB8>", "<0x84>"]
+    assert tok.settings["characters"] == {"distinct": 601, "own_pieces": 105, "byte_fallback": 496,
+                                          "byte_fallback_share": round(496 / len(text), 6)}
+
+
+def zipf_text(chars: int, distinct: int, seed: int = 0) -> str:
+    rng = random.Random(seed)
+    alphabet = [chr(0x4E00 + i) for i in range(distinct)]
+    weights = list(itertools.accumulate(1 / (rank + 1) for rank in range(distinct)))
+    lines = ("".join(rng.choices(alphabet, cum_weights=weights, k=rng.randint(10, 60))) for _ in itertools.count())
+    text = ""
+    while len(text) < chars:
+        text += next(lines) + "。\n"
+    return text
+
+
+@pytest.mark.parametrize("model_type", ["bpe", "unigram"])
+def test_any_vocabulary_size_from_the_smallest(model_type):
+    text = zipf_text(20_000, 3000)
+    assert len(set(text)) > 1000
+    for size in (MIN_VOCAB_SIZE, 300, 700):
+        tok = train_tokenizer(training_sentences(text), size, model_type)
+        assert tok.vocab_size == size and tok.model_type == model_type
+        assert tok.decode(tok.encode(text)) == text
+        report = tok.settings["characters"]
+        # The characters take at most 3/4 of the pieces left after bytes and specials, the most frequent first.
+        assert report["own_pieces"] == max(1, (size - MIN_VOCAB_SIZE + 1) * 3 // 4)
+        assert report["distinct"] == len(set(text))
+        owned = [c for c in set(text) if tok.piece_to_id(c) != tok.unk_id]
+        counts = {c: text.count(c) for c in set(text)}
+        assert min(counts[c] for c in owned) >= max(counts[c] for c in set(text) - set(owned))
+    with pytest.raises(UsageError, match=f"too small: the smallest that works is {MIN_VOCAB_SIZE}"):
+        train_tokenizer(training_sentences(text), MIN_VOCAB_SIZE - 1, model_type)
+
+
+def test_characters_that_fit_all_get_pieces(corpus, tokenizer):
+    report = tokenizer.settings["characters"]
+    assert report["own_pieces"] == report["distinct"] == len(set(corpus)) and report["byte_fallback"] == 0
+    assert tokenizer.settings["character_coverage"] == 1.0
+
+
+def test_model_type_is_read_from_the_model_file(tokenizer, corpus):
+    from sentencepiece import sentencepiece_model_pb2
+
+    unigram = train_tokenizer(training_sentences(corpus[:30_000]), 300, "unigram")
+    for tok, expected in ((tokenizer, "bpe"), (unigram, "unigram")):
+        loaded = Tokenizer(tok.model_proto)
+        proto = sentencepiece_model_pb2.ModelProto.FromString(tok.model_proto)
+        assert loaded.model_type == expected
+        assert sentencepiece_model_pb2.TrainerSpec.ModelType.Name(proto.trainer_spec.model_type).lower() == expected

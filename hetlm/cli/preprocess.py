@@ -70,6 +70,8 @@ def preprocess_cmd(
         result = preprocess(resolved, inputs or [], out, workers=plan.preprocess_workers,
                             force=force, reporter=reporter)
     stderr.print(summary_table(result.manifest))
+    if line := characters_line(result.manifest):
+        stderr.print(line, highlight=False, markup=False)
     if skipped := result.manifest.get("skipped"):
         stderr.print("skipped: " + escape(", ".join(f"{n} {reason}" for reason, n in skipped.items())), highlight=False)
     if not result.up_to_date:
@@ -95,3 +97,13 @@ def summary_table(manifest: dict[str, Any]) -> Table:
         ratio = entry["bytes"] / entry["tokens"] if entry["tokens"] else 0.0
         table.add_row(name, f"{entry['documents']:,}", f"{entry['bytes']:,}", f"{entry['tokens']:,}", f"{ratio:.2f}")
     return table
+
+
+def characters_line(manifest: dict[str, Any]) -> str | None:
+    """How the tokenizer's sample's characters came out; None for a folder made before this was recorded."""
+    chars = manifest["tokenizer"].get("characters")
+    if not chars:
+        return None
+    return (f"characters in the tokenizer's sample: {chars['own_pieces']:,} of {chars['distinct']:,} have their own "
+            f"pieces, {chars['byte_fallback']:,} fall back to bytes ({chars['byte_fallback_share']:.2%} of the "
+            "sample's characters)")
