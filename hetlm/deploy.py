@@ -29,7 +29,7 @@ from typing import Any
 from safetensors.torch import save_file
 
 from hetlm import __version__
-from hetlm.chat import CHAT_TEMPLATE
+from hetlm.chat import CHAT_ROLES, CHAT_STOP, CHAT_TEMPLATE
 from hetlm.config import Config
 from hetlm.errors import HetlmError, UsageError
 from hetlm.gguf_export import GGUF_DTYPES, GGUF_FILE, MODELFILE, check_tokenizer, modelfile, ollama_template, write_gguf

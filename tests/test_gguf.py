@@ -16,8 +16,9 @@ import numpy as np
 import pytest
 import torch
 
+from hetlm.chat import CHAT_ROLES, CHAT_STOP, CHAT_TEMPLATE, render_chat
 from hetlm.config import load_config
-from hetlm.deploy import CHAT_ROLES, CHAT_STOP, CHAT_TEMPLATE, deploy, render_chat
+from hetlm.deploy import deploy
 from hetlm.errors import UsageError
 from hetlm.model import Transformer
 from hetlm.preprocess import stdlib_root
