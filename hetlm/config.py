@@ -45,7 +45,7 @@ class DataConfig:
 
     dir: str = setting("data/python-stdlib", "Preprocessed data folder that build, train and eval read; preprocess writes "
                                              "here when it is set and --out is not given")
-    vocab_size: int = setting(4096, "Tokenizer vocabulary size, at least 260 (256 byte pieces and 4 special tokens)")
+    vocab_size: int = setting(4096, "Tokenizer vocabulary size, at least 261 (256 byte pieces, 4 special tokens and one character)")
     tokenizer: str = setting("bpe", "SentencePiece model type; unigram trains 20-40 times slower than bpe", TOKENIZERS)
     val_fraction: float = setting(0.01, "Share of the documents (or of the text, with few documents) held out for validation")
     text_field: str = setting("text", "Field of a JSONL record that holds its text")
@@ -55,7 +55,7 @@ class DataConfig:
     seed: int = setting(1337, "Key of the hash that splits the documents into train and val and picks the tokenizer's sample")
 
     def validate(self) -> None:
-        _check(self.vocab_size >= 260, "data.vocab_size must be at least 260 (256 byte pieces + 4 specials)")
+        _check(self.vocab_size >= 261, "data.vocab_size must be at least 261 (256 byte pieces, 4 specials and one character)")
         _check(self.vocab_size <= 1_000_000, "data.vocab_size must be at most 1000000")
         _check(self.tokenizer in TOKENIZERS, f"data.tokenizer must be {_either([repr(t) for t in TOKENIZERS])}")
         _check(0.0 < self.val_fraction < 1.0, "data.val_fraction must be between 0 and 1 (exclusive)")

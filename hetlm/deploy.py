@@ -32,11 +32,13 @@ from hetlm import __version__
 from hetlm.chat import CHAT_ROLES, CHAT_STOP, CHAT_TEMPLATE
 from hetlm.config import Config
 from hetlm.errors import HetlmError, UsageError
-from hetlm.gguf_export import GGUF_DTYPES, GGUF_FILE, MODELFILE, check_tokenizer, modelfile, ollama_template, write_gguf
+from hetlm.gguf_export import GGUF_DTYPES, check_tokenizer, modelfile, ollama_template, write_gguf
 from hetlm.io import sha256_file
 from hetlm.model import DTYPES, parameter_counts
 from hetlm.reporting import NullReporter, Reporter
 from hetlm.store import (
+    GGUF_FILE,
+    MODELFILE,
     TOKENIZER,
     WEIGHTS,
     LoadedModel,

@@ -24,11 +24,9 @@ import torch
 from hetlm.config import Config
 from hetlm.errors import HetlmError, UsageError
 from hetlm.reporting import NullReporter, Reporter
-from hetlm.store import weights_state_dict
+from hetlm.store import GGUF_FILE, weights_state_dict
 from hetlm.tokenizer import BOS_ID, EOS_ID, PAD_ID, UNK_ID, Tokenizer
 
-GGUF_FILE = "model.gguf"
-MODELFILE = "Modelfile"
 GGUF_DTYPES = ("fp32", "fp16", "bf16", "q8_0")
 _TENSOR_TYPES = {
     "fp32": gguf.GGMLQuantizationType.F32,

@@ -24,8 +24,9 @@ Checkpoint folder ``RUN/checkpoints/step-NNNNNN/``::
     tokenizer.model
     manifest.json     written last: the completeness marker, with the sha256 of every other file
 
-Bundle folder (``hetlm deploy``): Hugging Face files beside ``hetlm.json``, written last, which holds
-hetlm's config, metrics and source and the sha256 of every other file.
+Bundle folder (``hetlm deploy``): Hugging Face files (``--format hf``) and/or ``model.gguf`` with an Ollama
+``Modelfile`` (``--format gguf``) beside ``hetlm.json``, written last, which holds hetlm's config, metrics and
+source and the sha256 of every other file.
 
 Checkpoints and bundles are assembled under a temporary name, fsynced and renamed, so a crash leaves
 either the previous state or a complete folder; one whose manifest is missing or whose hashes do not
@@ -62,6 +63,8 @@ TOKENIZER = "tokenizer.model"
 WEIGHTS = "model.safetensors"
 TRAINER_STATE = "trainer.pt"
 BUNDLE_MANIFEST = "hetlm.json"
+GGUF_FILE = "model.gguf"
+MODELFILE = "Modelfile"
 CHECKPOINTS = "checkpoints"
 METRICS = "metrics.jsonl"
 EVAL_RESULTS = "eval.json"
@@ -512,6 +515,9 @@ def load_checkpoint(target: Path, device: str | torch.device = "cpu", prefer: st
             config = config_from_dict(meta["config"])
         except HetlmError as exc:
             raise UsageError(f"{path / BUNDLE_MANIFEST}: invalid config ({exc})") from None
+        if WEIGHTS not in meta["files"]:
+            raise UsageError(f"bundle {path} holds only {GGUF_FILE} (for llama.cpp and Ollama): deploy with --format hf or "
+                             "all for hetlm to load it")
         model = model_from_weights(config, path / WEIGHTS, device)
         return LoadedModel(model=model.eval(), config=config, tokenizer_path=path / TOKENIZER, path=path, manifest=meta)
     checkpoint = Checkpoint.read(path, verify=False)

@@ -336,3 +336,10 @@ def test_a_unigram_tokenizer_is_refused_for_gguf(cli, tiny_data, tmp_path):
         assert "--format gguf needs a bpe tokenizer, and this model's is unigram" in result.err
         assert not (tmp_path / "b").exists()
     assert cli("deploy", run, "--out", tmp_path / "b").code == 0
+
+
+def test_a_gguf_only_bundle_is_refused_by_hetlm_with_one_line(cli, tiny_checkpoint, tmp_path):
+    out = tmp_path / "gguf-only"
+    assert cli("deploy", tiny_checkpoint, "--out", out, "--format", "gguf").code == 0
+    refused = cli("generate", out, "--prompt", "x")
+    assert refused.code == 2 and "holds only model.gguf" in refused.err and len(refused.err.strip().splitlines()) == 1
