@@ -46,7 +46,8 @@ def units(model: torch.nn.Module) -> Iterator[list[torch.nn.Parameter]]:
 class OptimizerOffload:
     """Owns the CPU AdamW (``optimizer``: its state_dict is the plain path's format) and the copies to and fro."""
 
-    def __init__(self, model: torch.nn.Module, train: TrainConfig, make_optimizer: Any, speculative: bool = True) -> None:
+    def __init__(self, model: torch.nn.Module, train: TrainConfig, make_optimizer: Any, speculative: bool = True,
+                 compute_dtype: torch.dtype = torch.float32) -> None:
         self.model = model
         self.train = train
         self.speculative = speculative
@@ -60,7 +61,12 @@ class OptimizerOffload:
             self.buffers[p] = torch.zeros(p.shape, dtype=torch.float32, pin_memory=pin)
         # The optimizer sees the master weights under the model's names, so its groups and state are the plain path's.
         named = [(name, self.master[p]) for name, p in model.named_parameters() if p.requires_grad]
+        self.names = [name for name, _ in named]
         self.optimizer: torch.optim.AdamW = make_optimizer(named, train, torch.device("cpu"))
+        # The device computes with weights (and gets gradients) in the plan's dtype; only the masters are fp32.
+        with torch.no_grad():
+            for p in self.params:
+                p.data = p.data.to(compute_dtype)
         self.units = [unit for unit in units(model) if unit]
         self.unit_of = {p: i for i, unit in enumerate(self.units) for p in unit}
         self.pending: list[int] = []
@@ -103,6 +109,10 @@ class OptimizerOffload:
             for p in self.params:
                 p.copy_(self.master[p], non_blocking=True)
         return norm, bad
+
+    def weights(self) -> dict[str, torch.Tensor]:
+        """The fp32 master weights under the model's names: what a checkpoint stores."""
+        return {name: self.master[p].detach() for name, p in zip(self.names, self.params, strict=True)}
 
     def close(self) -> None:
         for hook in self.hooks:

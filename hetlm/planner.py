@@ -791,43 +791,48 @@ def _fit_training(config: Config, inventory: Inventory, device: str, dtype: str,
         options = [int(wanted)]
     speculative = tc.grad_clip > 0
     offload_ram = offload_estimate(config, ram, speculative)
-    static_fits = memory_estimate(config, device, 1, dtype, True, available).total - \
-        memory_estimate(config, device, 1, dtype, True, 2**62).activations <= available
+
+    def choose(offload: bool) -> tuple[int, int, MemoryEstimate]:
+        """Micro-batch and checkpoint spacing with the least recomputation that fits, with or without offload."""
+        def estimate(micro: int, spacing: int) -> MemoryEstimate:
+            return memory_estimate(config, device, micro, dtype, True, available, spacing, offload)
+
+        if tc.micro_batch_size:
+            micro = tc.micro_batch_size
+            spacing = next((n for n in options if estimate(micro, n).fits), options[-1])
+        else:
+            micro, spacing = 0, options[-1]
+            for n in options:
+                micro = largest_micro_batch(config, device, dtype, True, available, sequences, n, offload)
+                if micro:
+                    spacing = n
+                    break
+            # Prefer a micro-batch that divides the step's sequences, unless that costs more than half of it.
+            if micro:
+                exact = next(b for b in range(micro, 0, -1) if sequences % b == 0)
+                micro = exact if exact * 2 > micro else micro
+            micro = max(1, micro)
+        return micro, spacing, estimate(micro, spacing)
+
+    micro, spacing, chosen = choose(False)
     if tc.optimizer_offload == "on":
         offload, why_offload = True, "set by train.optimizer_offload"
     elif tc.optimizer_offload == "off" or kind == "cpu":
         offload = False
         why_offload = "set by train.optimizer_offload" if tc.optimizer_offload == "off" else \
             "training runs on the CPU: its RAM already holds the optimizer state"
+    elif chosen.fits:
+        offload, why_offload = False, f"weights, gradients, AdamW state and activations fit {device}"
     else:
-        offload = not static_fits and offload_ram.fits
-        why_offload = ("weights, gradients and AdamW state do not fit " + device + " but fit RAM: the moments and "
-                       "master weights move to the CPU, which steps them while backward runs") if offload else \
-            ("weights, gradients and AdamW state fit " + device if static_fits else "the optimizer state fits neither "
-             + device + " nor RAM")
-    if offload and dtype == "fp16":
-        raise UsageError("train.optimizer_offload does not work with fp16's gradient scaler; use bf16 or fp32")
-
-    def estimate(micro: int, spacing: int) -> MemoryEstimate:
-        return memory_estimate(config, device, micro, dtype, True, available, spacing, offload)
-
-    if tc.micro_batch_size:
-        micro = tc.micro_batch_size
-        spacing = next((n for n in options if estimate(micro, n).fits), options[-1])
-    else:
-        micro, spacing = 0, options[-1]
-        for n in options:
-            micro = largest_micro_batch(config, device, dtype, True, available, sequences, n, offload)
-            if micro:
-                spacing = n
-                break
-        # Prefer a micro-batch that divides the step's sequences, unless that costs more than half of it.
-        if micro:
-            exact = next(b for b in range(micro, 0, -1) if sequences % b == 0)
-            micro = exact if exact * 2 > micro else micro
-        micro = max(1, micro)
+        offload = offload_ram.fits and choose(True)[2].fits
+        why_offload = (f"training does not fit {device} even with activation checkpointing, but fits once the AdamW "
+                       "moments and fp32 master weights move to RAM, where the CPU steps them while backward runs"
+                       if offload else f"moving the AdamW state to RAM would not make it fit {device} either")
+    if offload:
+        if dtype == "fp16":
+            raise UsageError("train.optimizer_offload does not work with fp16's gradient scaler; use bf16 or fp32")
+        micro, spacing, chosen = choose(True)
     accumulation = max(1, math.ceil(sequences / micro)) if tc.global_batch_tokens or not tc.micro_batch_size else 1
-    chosen = estimate(micro, spacing)
     plain = memory_estimate(config, device, micro, dtype, True, available)
     how = "set by train.micro_batch_size" if tc.micro_batch_size else (
         f"the largest that fits, up to the {sequences} sequences of a step")
@@ -1218,8 +1223,9 @@ def memory_estimate(config: Config, device: str, micro_batch: int, dtype: str, t
     a = 2 if low else 4
     B, T, L = micro_batch, model.context_length, model.n_layers
     D, F, V, KE = model.d_model, model.ffn_dim, model.vocab_size, model.kv_heads * model.head_dim
-    weights = 4 * params
-    gradients = 4 * params if training else 0
+    # Offloaded, the device keeps weights and gradients in the compute dtype; the fp32 masters live in RAM.
+    weights = (a if offload else 4) * params
+    gradients = (a if offload else 4) * params if training else 0
     optimizer = 8 * params if training and not offload else 0
     if training:
         # Per token and layer: two RMSNorms keep ~3 fp32 tensors each, RoPE two fp32 products,
@@ -1241,7 +1247,9 @@ def memory_estimate(config: Config, device: str, micro_batch: int, dtype: str, t
         cache = B * L * 2 * T * KE * a
         activations = cache + B * T * (4 * D + 3 * F) * a
         logits = B * T * V * (a + 4)
-    overhead = RUNTIME_OVERHEAD[kind] + (2 * params if low else 0) + int(FRAGMENTATION * (activations + logits))
+    # Autocast keeps a low-precision copy of each fp32 weight it casts; offloaded weights already are low precision.
+    casts = 2 * params if low and not offload else 0
+    overhead = RUNTIME_OVERHEAD[kind] + casts + int(FRAGMENTATION * (activations + logits))
     total = weights + gradients + optimizer + activations + logits + overhead
     return MemoryEstimate(
         device, weights, gradients, optimizer, activations, logits, overhead, total, available, fits=total <= available

@@ -223,11 +223,16 @@ class Checkpoint:
 
     @classmethod
     def write(cls, path: Path, model: torch.nn.Module, config: Config, tokenizer_path: Path,
-              trainer_state: dict[str, Any] | None = None, info: dict[str, Any] | None = None) -> Checkpoint:
-        """Write a complete checkpoint folder at ``path`` atomically; ``info`` (step, val_loss...) goes in the manifest."""
+              trainer_state: dict[str, Any] | None = None, info: dict[str, Any] | None = None,
+              weights: dict[str, torch.Tensor] | None = None) -> Checkpoint:
+        """Write a complete checkpoint folder at ``path`` atomically; ``info`` (step, val_loss...) goes in the manifest.
+
+        ``weights`` replaces the model's own (an offloaded optimizer's fp32 masters)."""
         path = Path(path)
+        state = weights_state_dict(model) if weights is None else {
+            name: tensor.to("cpu", torch.float32).contiguous() for name, tensor in weights.items()}
         with atomic_dir(path) as tmp:
-            save_file(weights_state_dict(model), tmp / WEIGHTS, metadata={"format": "pt"})
+            save_file(state, tmp / WEIGHTS, metadata={"format": "pt"})
             if trainer_state is not None:
                 torch.save(trainer_state, tmp / TRAINER_STATE)
             (tmp / CONFIG).write_text(config.to_yaml(), encoding="utf-8")

@@ -428,8 +428,9 @@ class Trainer:
         self.loaded_from = self._prepare_run(resume)
         check_compatible(self.loaded_from, self.config, self.data, self.run_dir.path)
         self.model = self.loaded_from.model(self.device).train()
-        self.offload = OptimizerOffload(self.model, tc, make_optimizer, speculative=tc.grad_clip > 0) \
-            if plan.optimizer_offload else None
+        compute = plan.autocast_dtype or torch.float32
+        self.offload = OptimizerOffload(self.model, tc, make_optimizer, speculative=tc.grad_clip > 0,
+                                        compute_dtype=compute) if plan.optimizer_offload else None
         self.optimizer = self.offload.optimizer if self.offload is not None else \
             make_optimizer(self.model.named_parameters(), tc, self.device)
         self.fused = bool(self.optimizer.param_groups[0].get("fused"))
@@ -760,7 +761,8 @@ class Trainer:
         if last_eval is not None:
             info.update({k: v for k, v in finite(last_eval).items() if k.startswith("val_")})
         checkpoint = Checkpoint.write(self.run_dir.checkpoint_path(self.state.step), self.model, self.config,
-                                      self.data.tokenizer_path, state, info)
+                                      self.data.tokenizer_path, state, info,
+                                      weights=self.offload.weights() if self.offload is not None else None)
         self.run_dir.prune(self.train_cfg.keep_last)
         return checkpoint.path
 

@@ -182,7 +182,7 @@ def test_model_that_does_not_fit_gets_a_proposal():
     # The proposal itself plans as fitting.
     assert plan_for("one-8gb-gpu", *sets[:-1], f"train.micro_batch_size={proposed}").fits
 
-    hopeless = plan_for("one-8gb-gpu", *GPT2_SMALL, "model.n_layers=96", "train.micro_batch_size=4")
+    hopeless = plan_for("one-8gb-gpu", *GPT2_SMALL, "model.n_layers=400", "train.micro_batch_size=4")
     assert "even at train.micro_batch_size=1" in decision(hopeless, "memory").reason
 
 
