@@ -670,14 +670,27 @@ def make_plan(inventory: Inventory, config: Config, workload: str = "train", wor
                                     peak)
     decisions.append(Decision("compile", "on" if compile_ else "off", why))
     if training:
-        seconds = _estimated_run_seconds(config, model, kind, micro_batch, tokens_per_step / world_size, peak)
-        if fit.checkpoint_every:
-            seconds *= 1 + len(range(0, model.n_layers, fit.checkpoint_every)) / model.n_layers / 3
+        plain_step = _estimated_run_seconds(config, model, kind, micro_batch, tokens_per_step / world_size, peak,
+                                            steps=1)
+        step = plain_step * (1 + len(range(0, model.n_layers, fit.checkpoint_every)) / model.n_layers / 3
+                             if fit.checkpoint_every else 1)
+        if fit.offload:
+            # Gradients out and weights back over the host link each step; the CPU's AdamW step hides behind
+            # backward unless clipping makes it step again after.
+            params = _parameters(model)
+            link = (cuda.link_bandwidth or CUDA_LINK) if cuda is not None else CUDA_LINK
+            cpu_bandwidth = inventory.cpu.memory_bandwidth or min(CPU_MAX_BANDWIDTH, CPU_CORE_BANDWIDTH * inventory.cpu.cores)
+            step += 2 * (2 if dtype != "fp32" else 4) * params / link + (
+                28 * params / cpu_bandwidth if config.train.grad_clip > 0 else 0)
+        seconds = _estimated_run_seconds(config, model, kind, micro_batch, tokens_per_step / world_size, peak) \
+            * step / plain_step
         budget = f", capped by train.max_time={config.train.max_time}" if config.train.max_time else ""
+        versus = f" (the plain plan: {plain_step:.3g} s)" if step != plain_step else ""
         decisions.append(Decision(
             "training time", f"about {_duration(seconds)}",
-            f"{config.train.max_steps:,} steps at an assumed {ASSUMED_MFU:.0%} of the peak below (or the per-layer floor "
-            f"of small models){budget}, before compiling; the first log lines give the measured rate and ETA",
+            f"{step:.3g} s per step{versus}; {config.train.max_steps:,} steps at an assumed {ASSUMED_MFU:.0%} of the "
+            f"peak below (or the per-layer floor of small models){budget}, before compiling; the first log lines give "
+            "the measured rate and ETA",
         ))
 
     # Pinned memory needs a real CUDA device, whatever the simulated inventory says.
@@ -1117,12 +1130,15 @@ def _choose_threads(cpu: CpuInfo, kind: str, wanted: int, world_size: int) -> tu
 
 
 def _estimated_run_seconds(
-    config: Config, model: ModelConfig, kind: str, micro_batch: int, tokens_per_step: float, peak: float
+    config: Config, model: ModelConfig, kind: str, micro_batch: int, tokens_per_step: float, peak: float,
+    steps: int | None = None,
 ) -> float:
     step = tokens_per_step * _flops_per_token(model) / (peak * ASSUMED_MFU)
     if kind in LAYER_SECONDS:
         micro_batches = tokens_per_step / (micro_batch * model.context_length)
         step = max(step, LAYER_SECONDS[kind] * model.n_layers * micro_batches)
+    if steps is not None:
+        return steps * step
     seconds = config.train.max_steps * step
     if config.train.max_time:
         seconds = min(seconds, parse_duration(config.train.max_time, "train.max_time"))
