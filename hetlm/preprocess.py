@@ -6,7 +6,9 @@ third encodes every document in worker processes and streams the tokens to disk.
 
 Output folder: ``tokenizer.model``, ``train.bin`` and ``val.bin`` (little-endian uint16 or uint32
 token ids; every document is ``<s>`` + ids + ``</s>``), ``config.yaml`` and, written last,
-``manifest.json``. A folder without a manifest is unfinished and is rebuilt by the next run.
+``manifest.json``. A folder without a manifest is unfinished and is rebuilt by the next run. The files
+are made in a ``.preprocess-*.tmp`` folder inside it, under the folder's lock (``.hetlm.lock``), which
+also lets a run remove what an interrupted one left there.
 """
 
 from __future__ import annotations
@@ -42,10 +44,19 @@ import sentencepiece as spm
 from hetlm import __version__
 from hetlm.config import Config, DataConfig, save_config
 from hetlm.errors import HetlmError, UsageError
-from hetlm.io import atomic_write_json, fsync_dir, sha256_file
+from hetlm.io import FileLock, atomic_write_json, clean_up, fsync_dir, sha256_file
 from hetlm.planner import detect_inventory, make_plan
 from hetlm.reporting import NullReporter, Reporter
-from hetlm.store import CONFIG, DATA_FORMAT_VERSION, MANIFEST, SPLITS, TOKENIZER, finished_data_manifest, split_file_name
+from hetlm.store import (
+    CONFIG,
+    DATA_FORMAT_VERSION,
+    LOCK,
+    MANIFEST,
+    SPLITS,
+    TOKENIZER,
+    finished_data_manifest,
+    split_file_name,
+)
 from hetlm.tokenizer import (
     BOS_ID,
     EOS_ID,
@@ -698,7 +709,10 @@ def preprocess(
     reporter: Reporter | None = None,
     parallel_min_bytes: int = PARALLEL_MIN_BYTES,
 ) -> PreprocessResult:
-    """Tokenize ``inputs`` (files, folders, globs; none = python-stdlib) into a data folder."""
+    """Tokenize ``inputs`` (files, folders, globs; none = python-stdlib) into a data folder.
+
+    Refused while another process writes the same folder; what an interrupted run left there is removed.
+    """
     reporter = reporter or NullReporter()
     data = config.data
     data.validate()
@@ -706,6 +720,27 @@ def preprocess(
     workers = workers or default_preprocess_workers(config)
     out_dir = resolve_out_dir(data, inputs, out)
     _check_writable(out_dir)
+    created = _make_dirs(out_dir)
+    finished = False
+    try:
+        with FileLock(out_dir / LOCK, f"data folder {out_dir}"):
+            if done := clean_up(out_dir, "preprocess|" + re.escape(MANIFEST)):
+                reporter.info(f"cleaned up after an interrupted preprocess: {'; '.join(done)}")
+            result = _preprocess(config, inputs, out_dir, workers, force, reporter, parallel_min_bytes)
+        finished = True
+        return result
+    finally:
+        if not finished:
+            for folder in created:
+                try:
+                    folder.rmdir()
+                except OSError:
+                    break
+
+
+def _preprocess(config: Config, inputs: list[str], out_dir: Path, workers: int, force: bool, reporter: Reporter,
+                parallel_min_bytes: int) -> PreprocessResult:
+    data = config.data
     started = time.perf_counter()
 
     inventory = discover(inputs, exclude_dir=out_dir)
@@ -736,9 +771,7 @@ def preprocess(
     tokenizer_s = time.perf_counter() - tokenizer_started
 
     dtype = dtype_for(tokenizer.vocab_size)
-    created = _make_dirs(out_dir)
     work = Path(tempfile.mkdtemp(prefix=".preprocess-", suffix=".tmp", dir=out_dir))
-    finished = False
     try:
         encode_started, encode_cpu = time.perf_counter(), _cpu_seconds()
         bins = (work / split_file_name("train"), work / split_file_name("val"))
@@ -781,17 +814,10 @@ def preprocess(
             os.replace(work / name, out_dir / name)
         fsync_dir(out_dir)
         atomic_write_json(out_dir / MANIFEST, manifest)
-        finished = True
     except OSError as exc:
         raise HetlmError(f"writing {out_dir} failed: {exc}") from None
     finally:
         shutil.rmtree(work, ignore_errors=True)
-        if not finished:
-            for folder in created:
-                try:
-                    folder.rmdir()
-                except OSError:
-                    break
     return PreprocessResult(out_dir, manifest)
 
 

@@ -27,18 +27,22 @@ Checkpoint folder ``RUN/checkpoints/step-NNNNNN/``::
 Bundle folder (``hetlm deploy``): Hugging Face files beside ``hetlm.json``, written last, which holds
 hetlm's config, metrics and source and the sha256 of every other file.
 
-Checkpoints and bundles are assembled under a temporary name, fsynced and renamed, so a crash leaves
-either the previous state or a complete folder; one whose manifest is missing or whose hashes do not
-match is treated as torn and skipped.
+Checkpoints and bundles are assembled under a temporary name, fsynced and renamed (``hetlm.io``), so a
+crash leaves either the previous state or a complete folder; one whose manifest is missing or whose hashes
+do not match is treated as torn and skipped.
+
+Writers lock what they write (``.hetlm.lock`` in a run or data folder, ``.NAME.lock`` beside a bundle),
+and clean up what crashed writers left there once they hold the lock.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import re
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -52,7 +56,15 @@ from safetensors.torch import load_file, save_file
 from hetlm import __version__
 from hetlm.config import Config, config_from_dict, save_config
 from hetlm.errors import HetlmError, UsageError
-from hetlm.io import atomic_dir, atomic_write_json, sha256_file
+from hetlm.io import (
+    FileLock,
+    aside_path,
+    atomic_dir,
+    atomic_write_json,
+    clean_up,
+    recover,
+    sha256_file,
+)
 from hetlm.model import Transformer
 from hetlm.reporting import NullReporter, Reporter
 
@@ -67,6 +79,7 @@ METRICS = "metrics.jsonl"
 EVAL_RESULTS = "eval.json"
 LOSS_PLOT = "loss.png"
 TENSORBOARD = "tensorboard"
+LOCK = ".hetlm.lock"
 SPLITS = ("train", "val")
 
 DATA_FORMAT_VERSION = 1
@@ -330,6 +343,14 @@ class RunDir:
     def save_config(self, config: Config) -> None:
         save_config(config, self.config_path)
 
+    @contextlib.contextmanager
+    def claim(self, reporter: Reporter = NullReporter()) -> Iterator[None]:
+        """Lock the run for writing (refused while another process holds it), then clean up after crashed writers."""
+        self.path.mkdir(parents=True, exist_ok=True)
+        with FileLock(self.path / LOCK, f"run {self.path}"):
+            self.remove_stale(reporter)
+            yield
+
     def checkpoints(self, reporter: Reporter = NullReporter(), verify: bool = True) -> list[Checkpoint]:
         """Complete checkpoints, oldest first; torn ones are reported and skipped."""
         root = self.path / CHECKPOINTS
@@ -376,10 +397,13 @@ class RunDir:
             shutil.rmtree(target) if target.is_dir() else target.unlink(missing_ok=True)
         return removed
 
-    def remove_stale(self) -> None:
-        """Temporary folders of a checkpoint that was being written when a process died."""
-        for stale in (self.path / CHECKPOINTS).glob(".step-*"):
-            shutil.rmtree(stale, ignore_errors=True)
+    def remove_stale(self, reporter: Reporter = NullReporter()) -> None:
+        """Finish or undo what a process that died while writing left (hold the run's lock), and say what."""
+        done = clean_up(self.path / CHECKPOINTS, r"step-\d+")
+        # eval.json is left out: hetlm eval writes it without waiting for a training run's lock.
+        done += clean_up(self.path, "|".join(map(re.escape, (CONFIG, METRICS))))
+        if done:
+            reporter.info(f"cleaned up after an interrupted run in {self.path}: {'; '.join(done)}")
 
 
 def _remove_checkpoint(path: Path) -> None:
@@ -414,15 +438,28 @@ def read_bundle_manifest(path: Path, verify: bool = True) -> dict[str, Any]:
     return meta
 
 
-def write_bundle(out: Path, fill: Callable[[Path], dict[str, Any]]) -> Path:
-    """Write a bundle at ``out`` atomically: ``fill(folder)`` writes its files and returns hetlm.json's facts."""
-    with atomic_dir(out) as tmp:
-        meta = fill(tmp)
-        files = {p.name: sha256_file(p) for p in sorted(tmp.iterdir()) if p.is_file()}
-        (tmp / BUNDLE_MANIFEST).write_text(json.dumps({
-            "format_version": BUNDLE_FORMAT_VERSION, "kind": "bundle", "hetlm_version": __version__,
-            **meta, "files": files}, indent=2) + "\n", encoding="utf-8")
-    return Path(out)
+def bundle_lock_path(out: Path) -> Path:
+    # Beside the bundle, not in it: the folder itself is replaced.
+    return Path(out).with_name(f".{Path(out).name}.lock")
+
+
+def write_bundle(out: Path, fill: Callable[[Path], dict[str, Any]], reporter: Reporter = NullReporter()) -> Path:
+    """Write a bundle at ``out`` atomically: ``fill(folder)`` writes its files and returns hetlm.json's facts.
+
+    Another process writing the same bundle makes this one fail; what crashed ones left is cleaned up first.
+    """
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(bundle_lock_path(out), f"bundle {out}"):
+        if done := clean_up(out.parent, re.escape(out.name)):
+            reporter.info(f"cleaned up after an interrupted deploy: {'; '.join(done)}")
+        with atomic_dir(out) as tmp:
+            meta = fill(tmp)
+            files = {p.name: sha256_file(p) for p in sorted(tmp.iterdir()) if p.is_file()}
+            (tmp / BUNDLE_MANIFEST).write_text(json.dumps({
+                "format_version": BUNDLE_FORMAT_VERSION, "kind": "bundle", "hetlm_version": __version__,
+                **meta, "files": files}, indent=2) + "\n", encoding="utf-8")
+    return out
 
 
 # --- resolving and loading a trained model --------------------------------------------------------------
@@ -431,6 +468,11 @@ def write_bundle(out: Path, fill: Callable[[Path], dict[str, Any]]) -> Path:
 def resolve(target: Path, prefer: str = "best", reporter: Reporter = NullReporter()) -> Path:
     """A checkpoint folder from a checkpoint folder or a run folder (its best by val loss, else newest); a bundle as is."""
     target = Path(target)
+    if not target.exists() and is_bundle(aside_path(target)):
+        # A deploy was killed between moving the old bundle aside and moving the new one in (where folders
+        # cannot be swapped in one step): put the old one back, unless a deploy is running.
+        with contextlib.suppress(HetlmError), FileLock(bundle_lock_path(target), f"bundle {target}", patience=0.0):
+            recover(target)
     if not target.exists():
         raise UsageError(f"{target} does not exist")
     if (target / MANIFEST).is_file():
@@ -495,10 +537,25 @@ class LoadedModel:
             return metrics
         return None
 
-    def save_eval_results(self, record: dict[str, Any]) -> Path | None:
+    def save_eval_results(self, record: dict[str, Any], reporter: Reporter = NullReporter()) -> Path | None:
+        """Write eval.json (OSError when it cannot be); None for a bundle, which has no place for it."""
         path = self.eval_results_path
-        if path is not None:
+        if path is None:
+            return None
+        lock = FileLock(path.parent / LOCK, str(path.parent), patience=0.0)
+        try:
+            lock.acquire()
+        except HetlmError:
+            # Training holds the run, or the folder is read-only: the write is atomic all the same, only the
+            # clean-up of leftovers waits for a later eval.
+            lock = None
+        try:
+            if lock is not None and (done := clean_up(path.parent, re.escape(EVAL_RESULTS))):
+                reporter.info(f"cleaned up after an interrupted eval: {'; '.join(done)}")
             atomic_write_json(path, record)
+        finally:
+            if lock is not None:
+                lock.release()
         return path
 
 
