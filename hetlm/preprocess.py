@@ -44,7 +44,7 @@ import sentencepiece as spm
 from hetlm import __version__
 from hetlm.config import Config, DataConfig, save_config
 from hetlm.errors import HetlmError, UsageError
-from hetlm.io import FileLock, atomic_write_json, clean_up, fsync_dir, sha256_file
+from hetlm.io import FileLock, atomic_path, clean_up, disk_full_message, fsync_dir, no_space_errno, sha256_file
 from hetlm.planner import detect_inventory, make_plan
 from hetlm.reporting import NullReporter, Reporter
 from hetlm.store import (
@@ -579,8 +579,8 @@ def _chunks(scan: Scan, text_field: str, totals: _Totals) -> Iterator[tuple[list
 
 
 def _encode(scan: Scan, data: DataConfig, tokenizer: Tokenizer, dtype: np.dtype, paths: tuple[Path, Path],
-            workers: int, parallel_min_bytes: int, reporter: Reporter) -> _Totals:
-    totals = _Totals()
+            workers: int, parallel_min_bytes: int, reporter: Reporter, totals: _Totals) -> None:
+    """Encode the corpus into the token files ``paths``, counting into ``totals`` as it goes."""
     reporter.start("encode", total=scan.bytes, unit="B")
     with open(paths[TRAIN], "wb") as train_file, open(paths[VAL], "wb") as val_file:
         files = (train_file, val_file)
@@ -588,7 +588,8 @@ def _encode(scan: Scan, data: DataConfig, tokenizer: Tokenizer, dtype: np.dtype,
         def write(arrays: tuple[np.ndarray, np.ndarray], nbytes: int) -> None:
             for split, array in enumerate(arrays):
                 if array.size:
-                    array.tofile(files[split])
+                    # Not tofile: its short write on a full disk is an OSError without the errno.
+                    files[split].write(array.data)
                     totals.tokens[split] += int(array.size)
             reporter.advance("encode", nbytes)
 
@@ -602,7 +603,6 @@ def _encode(scan: Scan, data: DataConfig, tokenizer: Tokenizer, dtype: np.dtype,
             handle.flush()
             os.fsync(handle.fileno())
     reporter.finish("encode")
-    return totals
 
 
 def _pool_context() -> multiprocessing.context.BaseContext:
@@ -772,10 +772,11 @@ def _preprocess(config: Config, inputs: list[str], out_dir: Path, workers: int, 
 
     dtype = dtype_for(tokenizer.vocab_size)
     work = Path(tempfile.mkdtemp(prefix=".preprocess-", suffix=".tmp", dir=out_dir))
+    totals = _Totals()
     try:
         encode_started, encode_cpu = time.perf_counter(), _cpu_seconds()
         bins = (work / split_file_name("train"), work / split_file_name("val"))
-        totals = _encode(scan, data, tokenizer, dtype, bins, workers, parallel_min_bytes, reporter)
+        _encode(scan, data, tokenizer, dtype, bins, workers, parallel_min_bytes, reporter, totals)
         encode_s, encode_cpu_s = time.perf_counter() - encode_started, _cpu_seconds() - encode_cpu
         if totals.documents[VAL] == 0 or totals.tokens[TRAIN] == 0:
             raise UsageError("the corpus is too small to give both a train and a val split; add more text")
@@ -808,17 +809,30 @@ def _preprocess(config: Config, inputs: list[str], out_dir: Path, workers: int, 
                         "encode_s": round(encode_s, 3), "encode_cpu_s": round(encode_cpu_s, 3),
                         "total_s": round(time.perf_counter() - started, 3)},
         }
-        # The old manifest goes first: from here until the new one is written the folder is unfinished.
-        (out_dir / MANIFEST).unlink(missing_ok=True)
-        for name in (TOKENIZER, *map(split_file_name, SPLITS), CONFIG):
-            os.replace(work / name, out_dir / name)
-        fsync_dir(out_dir)
-        atomic_write_json(out_dir / MANIFEST, manifest)
+        with atomic_path(out_dir / MANIFEST) as new_manifest:
+            # Written before the old manifest goes, so that a full disk cannot leave the folder without one.
+            new_manifest.write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
+            # From here until the new manifest takes its name the folder is unfinished.
+            (out_dir / MANIFEST).unlink(missing_ok=True)
+            for name in (TOKENIZER, *map(split_file_name, SPLITS), CONFIG):
+                os.replace(work / name, out_dir / name)
+            fsync_dir(out_dir)
     except OSError as exc:
+        if (code := no_space_errno(exc)) is not None:
+            needs = _output_bytes(scan, totals, dtype) + len(tokenizer.model_proto)
+            raise HetlmError(disk_full_message(out_dir, code, needs)) from exc
         raise HetlmError(f"writing {out_dir} failed: {exc}") from None
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return PreprocessResult(out_dir, manifest)
+
+
+def _output_bytes(scan: Scan, totals: _Totals, dtype: np.dtype) -> int:
+    """The token files' size: what was written, scaled to the whole corpus (at most a token per byte before any)."""
+    encoded = sum(totals.bytes)
+    if not encoded:
+        return (scan.bytes + 2 * scan.documents) * dtype.itemsize
+    return sum(totals.tokens) * dtype.itemsize * scan.bytes // encoded
 
 
 def _cpu_seconds() -> float:

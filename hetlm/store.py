@@ -40,6 +40,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import os
 import re
 import shutil
 from collections.abc import Callable, Iterator
@@ -62,8 +63,10 @@ from hetlm.io import (
     atomic_dir,
     atomic_write_json,
     clean_up,
+    disk_full_errors,
     recover,
     sha256_file,
+    size_of,
 )
 from hetlm.model import Transformer
 from hetlm.reporting import NullReporter, Reporter
@@ -224,6 +227,16 @@ def model_from_weights(config: Config, weights_path: Path, device: str | torch.d
         raise HetlmError(f"{weights_path}: weights do not match the model ({exc.args[0]})") from None
 
 
+def _tensor_bytes(obj: Any) -> int:
+    if isinstance(obj, torch.Tensor):
+        return obj.nbytes
+    if isinstance(obj, dict):
+        return sum(map(_tensor_bytes, obj.values()))
+    if isinstance(obj, (list, tuple)):
+        return sum(map(_tensor_bytes, obj))
+    return 0
+
+
 @dataclass(frozen=True)
 class Checkpoint:
     """A complete checkpoint folder and its manifest."""
@@ -236,10 +249,14 @@ class Checkpoint:
               trainer_state: dict[str, Any] | None = None, info: dict[str, Any] | None = None) -> Checkpoint:
         """Write a complete checkpoint folder at ``path`` atomically; ``info`` (step, val_loss...) goes in the manifest."""
         path = Path(path)
-        with atomic_dir(path) as tmp:
-            save_file(weights_state_dict(model), tmp / WEIGHTS, metadata={"format": "pt"})
+        weights = weights_state_dict(model)
+        needs = _tensor_bytes(weights) + _tensor_bytes(trainer_state) + os.path.getsize(tokenizer_path)
+        with disk_full_errors(path, needs), atomic_dir(path) as tmp:
+            save_file(weights, tmp / WEIGHTS, metadata={"format": "pt"})
             if trainer_state is not None:
-                torch.save(trainer_state, tmp / TRAINER_STATE)
+                # Through a Python file: a full disk then surfaces as an OSError, not as torch's "unexpected pos".
+                with open(tmp / TRAINER_STATE, "wb") as handle:
+                    torch.save(trainer_state, handle)
             (tmp / CONFIG).write_text(config.to_yaml(), encoding="utf-8")
             shutil.copyfile(tokenizer_path, tmp / TOKENIZER)
             files = {p.name: sha256_file(p) for p in sorted(tmp.iterdir()) if p.is_file()}
@@ -453,7 +470,9 @@ def write_bundle(out: Path, fill: Callable[[Path], dict[str, Any]], reporter: Re
     with FileLock(bundle_lock_path(out), f"bundle {out}"):
         if done := clean_up(out.parent, re.escape(out.name)):
             reporter.info(f"cleaned up after an interrupted deploy: {'; '.join(done)}")
-        with atomic_dir(out) as tmp:
+        # A bundle being replaced is the best guess of what the new one takes.
+        needs = size_of(out) if is_bundle(out) else None
+        with disk_full_errors(out, needs), atomic_dir(out) as tmp:
             meta = fill(tmp)
             files = {p.name: sha256_file(p) for p in sorted(tmp.iterdir()) if p.is_file()}
             (tmp / BUNDLE_MANIFEST).write_text(json.dumps({
@@ -538,7 +557,7 @@ class LoadedModel:
         return None
 
     def save_eval_results(self, record: dict[str, Any], reporter: Reporter = NullReporter()) -> Path | None:
-        """Write eval.json (OSError when it cannot be); None for a bundle, which has no place for it."""
+        """Write eval.json (OSError or HetlmError when it cannot be); None for a bundle, which has no place for it."""
         path = self.eval_results_path
         if path is None:
             return None
@@ -552,7 +571,8 @@ class LoadedModel:
         try:
             if lock is not None and (done := clean_up(path.parent, re.escape(EVAL_RESULTS))):
                 reporter.info(f"cleaned up after an interrupted eval: {'; '.join(done)}")
-            atomic_write_json(path, record)
+            with disk_full_errors(path):
+                atomic_write_json(path, record)
         finally:
             if lock is not None:
                 lock.release()

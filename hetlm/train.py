@@ -35,6 +35,7 @@ from hetlm.config import Config, TrainConfig, parse_duration
 from hetlm.data import PrefetchLoader, fixed_starts, gather_windows, split_inputs_targets
 from hetlm.errors import HetlmError, UsageError
 from hetlm.evaluate import count_bytes, token_byte_lengths
+from hetlm.io import disk_full_errors
 from hetlm.metrics import MetricsLog, eval_record, finite, plot_losses
 from hetlm.model import flops_per_token
 from hetlm.planner import Plan
@@ -378,11 +379,12 @@ def train(config: Config, plan: Plan, out: Path | None = None, resume: str = "au
     """
     procs = _start_processes(plan.torch_device)
     deterministic = torch.are_deterministic_algorithms_enabled()
+    run_dir = Path(out) if out is not None else default_run_dir(config)
     try:
         if config.train.deterministic:
             os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
             torch.use_deterministic_algorithms(True, warn_only=True)
-        with contextlib.ExitStack() as held:
+        with contextlib.ExitStack() as held, disk_full_errors(run_dir):
             return Trainer(config, plan, out, resume, reporter if procs.main else NullReporter(), procs, held).run()
     finally:
         torch.use_deterministic_algorithms(deterministic)
