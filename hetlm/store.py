@@ -28,8 +28,9 @@ Bundle folder (``hetlm deploy``): Hugging Face files beside ``hetlm.json``, writ
 hetlm's config, metrics and source and the sha256 of every other file.
 
 Checkpoints and bundles are assembled under a temporary name, fsynced and renamed (``hetlm.io``), so a
-crash leaves either the previous state or a complete folder; one whose manifest is missing or whose hashes
-do not match is treated as torn and skipped.
+crash leaves either the previous state or a complete folder; one whose manifest is missing, does not list
+every file it needs with its sha256, or whose hashes do not match is treated as torn and skipped.
+Weights are checked against the config from the safetensors header before any model is built.
 
 Writers lock what they write (``.hetlm.lock`` in a run or data folder, ``.NAME.lock`` beside a bundle),
 and clean up what crashed writers left there once they hold the lock.
@@ -38,6 +39,7 @@ and clean up what crashed writers left there once they hold the lock.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import math
 import os
@@ -52,10 +54,11 @@ import numpy as np
 import sentencepiece as spm
 import torch
 import yaml
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from hetlm import __version__
-from hetlm.config import Config, config_from_dict, save_config
+from hetlm.config import Config, ModelConfig, config_from_dict, save_config
 from hetlm.errors import HetlmError, UsageError
 from hetlm.io import (
     FileLock,
@@ -84,11 +87,30 @@ LOSS_PLOT = "loss.png"
 TENSORBOARD = "tensorboard"
 LOCK = ".hetlm.lock"
 SPLITS = ("train", "val")
+# What loading needs; a manifest that leaves one out does not vouch for it (a bundle may hold other formats only).
+CHECKPOINT_FILES = (WEIGHTS, CONFIG, TOKENIZER)
+BUNDLE_FILES = (WEIGHTS, TOKENIZER)
+WEIGHT_DTYPES = ("F32", "F16", "BF16")
+LAYER_WEIGHT = re.compile(r"model\.layers\.(\d+)\.")
+SHA256 = re.compile(r"[0-9a-f]{64}")
 
 DATA_FORMAT_VERSION = 1
 CHECKPOINT_FORMAT_VERSION = 1
 BUNDLE_FORMAT_VERSION = 1
 STEP_DIR = re.compile(r"^step-(\d+)$")
+
+
+def _unlisted(files: Any, required: tuple[str, ...]) -> str | None:
+    """What is wrong with a manifest's "files" (name -> sha256 of each plain file name), or None."""
+    if not isinstance(files, dict):
+        return "it lists no files"
+    for name, digest in files.items():
+        if not isinstance(name, str) or name in ("", ".", "..") or Path(name).name != name:
+            return f"it lists {name!r}, which is not a file name in the folder"
+        if not isinstance(digest, str) or not SHA256.fullmatch(digest):
+            return f"its sha256 of {name} is not one"
+    missing = [name for name in required if name not in files]
+    return f"it does not list {', '.join(missing)}" if missing else None
 
 
 def _read_json(path: Path) -> Any:
@@ -219,12 +241,62 @@ def weights_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return state
 
 
+def weights_header(path: Path) -> dict[str, tuple[tuple[int, ...], str]]:
+    """Name -> (shape, dtype) of each tensor in a safetensors file, from its header: no tensor is read."""
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            return {name: (tuple(handle.get_slice(name).get_shape()), handle.get_slice(name).get_dtype())
+                    for name in handle.keys()}
+    except (OSError, SafetensorError) as exc:
+        raise UsageError(f"{path} is not a readable safetensors file ({exc})") from None
+
+
+def expected_weights(model: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """Name -> shape of each weight a checkpoint of ``model`` holds (a tied lm_head is the embedding)."""
+    with torch.device("meta"):
+        # One layer stands for all of them: a config claiming thousands of layers costs nothing here.
+        one = Transformer(dataclasses.replace(model, n_layers=1))
+    shapes = {}
+    for name, param in one.named_parameters():
+        if (match := LAYER_WEIGHT.match(name)) is None:
+            shapes[name] = tuple(param.shape)
+            continue
+        rest = name[match.end():]
+        for layer in range(model.n_layers):
+            shapes[f"model.layers.{layer}.{rest}"] = tuple(param.shape)
+    return shapes
+
+
+def check_weights(config: Config, weights_path: Path) -> None:
+    """UsageError unless ``weights_path`` holds exactly the weights of ``config``'s model, in shape and dtype.
+
+    Only the header is read, and nothing the size of the model is built, so an edited config cannot make
+    loading allocate what it claims before the weights contradict it.
+    """
+    header = weights_header(weights_path)
+    model = config.model
+    mismatch = f"{weights_path}: weights do not match the model"
+    layers = {int(match.group(1)) for name in header if (match := LAYER_WEIGHT.match(name))}
+    if layers != set(range(model.n_layers)):
+        raise UsageError(f"{mismatch} (the config has model.n_layers={model.n_layers}, the weights {len(layers)} layers)")
+    expected = expected_weights(model)
+    if model.tie_embeddings and "lm_head.weight" in header:
+        expected["lm_head.weight"] = expected["model.embed_tokens.weight"]
+    if unknown := sorted(set(header) - set(expected)):
+        raise UsageError(f"{mismatch} (unexpected {unknown[:3]})")
+    if missing := sorted(set(expected) - set(header)):
+        raise UsageError(f"{mismatch} (missing {missing[:3]})")
+    for name, (shape, dtype) in header.items():
+        if shape != expected[name]:
+            raise UsageError(f"{mismatch} ({name} is {list(shape)} in the weights, {list(expected[name])} in the config)")
+        if dtype not in WEIGHT_DTYPES:
+            raise UsageError(f"{mismatch} ({name} is {dtype}; weights are {', '.join(WEIGHT_DTYPES)})")
+
+
 def model_from_weights(config: Config, weights_path: Path, device: str | torch.device = "cpu") -> Transformer:
     """The model of ``config`` with the weights in ``weights_path`` (fp32 whatever they are stored in), on ``device``."""
-    try:
-        return Transformer.from_state_dict(config.model, load_file(str(weights_path)), device)
-    except KeyError as exc:
-        raise HetlmError(f"{weights_path}: weights do not match the model ({exc.args[0]})") from None
+    check_weights(config, weights_path)
+    return Transformer.from_state_dict(config.model, load_file(str(weights_path)), device)
 
 
 def _tensor_bytes(obj: Any) -> int:
@@ -275,7 +347,11 @@ class Checkpoint:
         """The checkpoint at ``path``, or None when its manifest is missing, unreadable or does not match its files."""
         path = Path(path)
         manifest = _read_json(path / MANIFEST)
-        if not isinstance(manifest, dict) or manifest.get("kind") != "checkpoint" or not isinstance(manifest.get("files"), dict):
+        if not isinstance(manifest, dict) or manifest.get("kind") != "checkpoint" \
+                or _unlisted(manifest.get("files"), CHECKPOINT_FILES) is not None:
+            return None
+        if TRAINER_STATE not in manifest["files"] and os.path.lexists(path / TRAINER_STATE):
+            # Optimizer state nothing vouches for is not resumed from.
             return None
         for name, digest in manifest["files"].items():
             file = path / name
@@ -306,7 +382,7 @@ class Checkpoint:
 
     @property
     def has_trainer_state(self) -> bool:
-        return (self.path / TRAINER_STATE).is_file()
+        return TRAINER_STATE in self.manifest["files"]
 
     def config(self) -> Config:
         return read_config(self.path)
@@ -443,9 +519,10 @@ def read_bundle_manifest(path: Path, verify: bool = True) -> dict[str, Any]:
         meta = json.loads((path / BUNDLE_MANIFEST).read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
         raise UsageError(f"{path / BUNDLE_MANIFEST} is not readable JSON: {exc}") from None
-    if not isinstance(meta, dict) or meta.get("kind") != "bundle" or not isinstance(meta.get("files"), dict) \
-            or not isinstance(meta.get("config"), dict):
+    if not isinstance(meta, dict) or meta.get("kind") != "bundle" or not isinstance(meta.get("config"), dict):
         raise UsageError(f"{path / BUNDLE_MANIFEST} is not a hetlm bundle manifest")
+    if (problem := _unlisted(meta.get("files"), ())) is not None:
+        raise UsageError(f"bundle {path} is edited or corrupt: {problem} in {BUNDLE_MANIFEST}")
     for name, digest in meta["files"].items():
         file = path / name
         if not file.is_file():
@@ -585,6 +662,8 @@ def load_checkpoint(target: Path, device: str | torch.device = "cpu", prefer: st
     path = resolve(target, prefer, reporter)
     if is_bundle(path):
         meta = read_bundle_manifest(path)
+        if missing := [name for name in BUNDLE_FILES if name not in meta["files"]]:
+            raise UsageError(f"bundle {path} cannot be loaded: {BUNDLE_MANIFEST} does not list {', '.join(missing)}")
         try:
             config = config_from_dict(meta["config"])
         except HetlmError as exc:
