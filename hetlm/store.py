@@ -68,6 +68,7 @@ from hetlm.io import (
     clean_up,
     disk_full_errors,
     recover,
+    remove_path,
     sha256_file,
     size_of,
 )
@@ -436,9 +437,28 @@ class RunDir:
     def save_config(self, config: Config) -> None:
         save_config(config, self.config_path)
 
+    def check_layout(self) -> None:
+        """UsageError unless training may write and delete here: a folder (or room for one) with its checkpoints inside."""
+        probe = self.path
+        while not os.path.lexists(probe) and probe.parent != probe:
+            probe = probe.parent
+        if not probe.is_dir():
+            where = "" if probe == self.path else f" (cannot make {self.path})"
+            raise UsageError(f"{probe} is a file, not a folder{where}: --out names the run folder")
+        root = self.path / CHECKPOINTS
+        if root.is_symlink():
+            target = root.resolve()
+            if not target.is_relative_to(self.path.resolve()):
+                raise UsageError(f"{root} links to {target}, outside the run: training deletes old checkpoints there, "
+                                 "so it refuses such a run (give the run its own checkpoints folder, or start "
+                                 "from the other run with --resume PATH)")
+        if os.path.lexists(root) and not root.is_dir():
+            raise UsageError(f"{root} is not a folder")
+
     @contextlib.contextmanager
     def claim(self, reporter: Reporter = NullReporter()) -> Iterator[None]:
         """Lock the run for writing (refused while another process holds it), then clean up after crashed writers."""
+        self.check_layout()
         self.path.mkdir(parents=True, exist_ok=True)
         with FileLock(self.path / LOCK, f"run {self.path}"):
             self.remove_stale(reporter)
@@ -473,7 +493,7 @@ class RunDir:
         complete = {c.path for c in found}
         for path in (self.path / CHECKPOINTS).glob("step-*"):
             if STEP_DIR.match(path.name) and path not in complete:
-                shutil.rmtree(path, ignore_errors=True)
+                _remove_checkpoint(path)
         keep = {c.path for c in found[-keep_last:]}
         if (best := self.best(found)) is not None:
             keep.add(best.path)
@@ -487,7 +507,7 @@ class RunDir:
         for old in (self.path / CHECKPOINTS).glob("step-*"):
             _remove_checkpoint(old)
         for target in (self.metrics_path, self.loss_plot_path, self.tensorboard_path):
-            shutil.rmtree(target) if target.is_dir() else target.unlink(missing_ok=True)
+            remove_path(target)
         return removed
 
     def remove_stale(self, reporter: Reporter = NullReporter()) -> None:
@@ -500,6 +520,10 @@ class RunDir:
 
 
 def _remove_checkpoint(path: Path) -> None:
+    if path.is_symlink():
+        # Never delete through a link: what it points to may be another run's.
+        path.unlink()
+        return
     # Removing the manifest first makes a half-deleted folder read as torn, never as complete.
     (path / MANIFEST).unlink(missing_ok=True)
     shutil.rmtree(path, ignore_errors=True)

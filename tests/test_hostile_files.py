@@ -122,3 +122,49 @@ def test_a_bundle_manifest_that_does_not_vouch_for_its_weights_is_refused(cli, b
     edited = edited_bundle(bundle, tmp_path, lambda meta: edit(meta["files"]))
     error = one_error(cli("eval", edited, "--text", edited / "README.md"), 2)
     assert f"bundle {edited} cannot be loaded: hetlm.json {fragment}" in error, error
+
+
+def other_run_with_a_checkpoint(tmp_path: Path) -> Path:
+    config, model, tokenizer = tiny(tmp_path)
+    other = RunDir(tmp_path / "other")
+    Checkpoint.write(other.checkpoint_path(7), model, config, tokenizer, info={"step": 7})
+    return other.path
+
+
+def test_a_run_whose_checkpoints_folder_links_into_another_run_is_refused(cli, tiny_data, tmp_path):
+    other = other_run_with_a_checkpoint(tmp_path)
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "checkpoints").symlink_to(other / "checkpoints")
+    for args in (["train", "--resume", "never"], ["train"], ["build"]):
+        error = one_error(cli(*args, "--set", f"data.dir={tiny_data}", "--out", run), 2)
+        assert f"{run / 'checkpoints'} links to {other / 'checkpoints'}, outside the run" in error
+    assert [c.step for c in RunDir(other).checkpoints()] == [7]
+
+
+def test_starting_over_never_deletes_through_a_link(tmp_path):
+    other = other_run_with_a_checkpoint(tmp_path)
+    config, model, tokenizer = tiny(tmp_path)
+    run = RunDir(tmp_path / "run")
+    Checkpoint.write(run.checkpoint_path(1), model, config, tokenizer, info={"step": 1})
+    # Links inside the run, to another run's checkpoint and records.
+    (run.path / "checkpoints" / "step-000007").symlink_to(other / "checkpoints" / "step-000007")
+    (other / "tensorboard").mkdir()
+    (other / "metrics.jsonl").write_text("{}\n")
+    run.tensorboard_path.symlink_to(other / "tensorboard")
+    run.metrics_path.symlink_to(other / "metrics.jsonl")
+    run.check_layout()
+    assert run.start_over() == 2
+    assert list((run.path / "checkpoints").iterdir()) == [] and not run.metrics_path.exists()
+    assert [c.step for c in RunDir(other).checkpoints()] == [7]
+    assert (other / "tensorboard").is_dir() and (other / "metrics.jsonl").read_text() == "{}\n"
+
+
+@pytest.mark.parametrize("command", ["train", "build"])
+def test_out_naming_a_file_is_a_usage_error(cli, tiny_data, tmp_path, command):
+    file = tmp_path / "notes.txt"
+    file.write_text("mine")
+    for out in (file, file / "run"):
+        error = one_error(cli(command, "--set", f"data.dir={tiny_data}", "--out", out), 2)
+        assert f"error: {file} is a file, not a folder" in error and "--out names the run folder" in error
+    assert file.read_text() == "mine"
