@@ -119,7 +119,10 @@ def hf_generation_config(config: Config) -> dict[str, Any]:
 def _special_pieces(tokenizer_path: Path) -> dict[str, str]:
     import sentencepiece as spm
 
-    sp = spm.SentencePieceProcessor(model_file=str(tokenizer_path))
+    try:
+        sp = spm.SentencePieceProcessor(model_file=str(tokenizer_path))
+    except (OSError, RuntimeError) as exc:
+        raise UsageError(f"{tokenizer_path} is not a readable SentencePiece model ({exc})") from None
     if sp.get_piece_size() <= max(SPECIAL_IDS.values()):
         raise UsageError(f"{tokenizer_path} has too few pieces to be a hetlm tokenizer")
     return {name: sp.id_to_piece(i) for name, i in SPECIAL_IDS.items()}
