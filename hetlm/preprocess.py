@@ -6,7 +6,9 @@ third encodes every document in worker processes and streams the tokens to disk.
 
 Output folder: ``tokenizer.model``, ``train.bin`` and ``val.bin`` (little-endian uint16 or uint32
 token ids; every document is ``<s>`` + ids + ``</s>``), ``config.yaml`` and, written last,
-``manifest.json``. A folder without a manifest is unfinished and is rebuilt by the next run.
+``manifest.json``. A folder without a manifest is unfinished and is rebuilt by the next run. The files
+are made in a ``.preprocess-*.tmp`` folder inside it, under the folder's lock (``.hetlm.lock``), which
+also lets a run remove what an interrupted one left there.
 """
 
 from __future__ import annotations
@@ -42,10 +44,19 @@ import sentencepiece as spm
 from hetlm import __version__
 from hetlm.config import Config, DataConfig, save_config
 from hetlm.errors import HetlmError, UsageError
-from hetlm.io import atomic_write_json, fsync_dir, sha256_file
+from hetlm.io import FileLock, atomic_path, clean_up, disk_full_message, fsync_dir, no_space_errno, sha256_file
 from hetlm.planner import detect_inventory, make_plan
 from hetlm.reporting import NullReporter, Reporter
-from hetlm.store import CONFIG, DATA_FORMAT_VERSION, MANIFEST, SPLITS, TOKENIZER, finished_data_manifest, split_file_name
+from hetlm.store import (
+    CONFIG,
+    DATA_FORMAT_VERSION,
+    LOCK,
+    MANIFEST,
+    SPLITS,
+    TOKENIZER,
+    finished_data_manifest,
+    split_file_name,
+)
 from hetlm.tokenizer import (
     BOS_ID,
     EOS_ID,
@@ -568,8 +579,8 @@ def _chunks(scan: Scan, text_field: str, totals: _Totals) -> Iterator[tuple[list
 
 
 def _encode(scan: Scan, data: DataConfig, tokenizer: Tokenizer, dtype: np.dtype, paths: tuple[Path, Path],
-            workers: int, parallel_min_bytes: int, reporter: Reporter) -> _Totals:
-    totals = _Totals()
+            workers: int, parallel_min_bytes: int, reporter: Reporter, totals: _Totals) -> None:
+    """Encode the corpus into the token files ``paths``, counting into ``totals`` as it goes."""
     reporter.start("encode", total=scan.bytes, unit="B")
     with open(paths[TRAIN], "wb") as train_file, open(paths[VAL], "wb") as val_file:
         files = (train_file, val_file)
@@ -577,7 +588,8 @@ def _encode(scan: Scan, data: DataConfig, tokenizer: Tokenizer, dtype: np.dtype,
         def write(arrays: tuple[np.ndarray, np.ndarray], nbytes: int) -> None:
             for split, array in enumerate(arrays):
                 if array.size:
-                    array.tofile(files[split])
+                    # Not tofile: its short write on a full disk is an OSError without the errno.
+                    files[split].write(array.data)
                     totals.tokens[split] += int(array.size)
             reporter.advance("encode", nbytes)
 
@@ -591,7 +603,6 @@ def _encode(scan: Scan, data: DataConfig, tokenizer: Tokenizer, dtype: np.dtype,
             handle.flush()
             os.fsync(handle.fileno())
     reporter.finish("encode")
-    return totals
 
 
 def _pool_context() -> multiprocessing.context.BaseContext:
@@ -698,7 +709,10 @@ def preprocess(
     reporter: Reporter | None = None,
     parallel_min_bytes: int = PARALLEL_MIN_BYTES,
 ) -> PreprocessResult:
-    """Tokenize ``inputs`` (files, folders, globs; none = python-stdlib) into a data folder."""
+    """Tokenize ``inputs`` (files, folders, globs; none = python-stdlib) into a data folder.
+
+    Refused while another process writes the same folder; what an interrupted run left there is removed.
+    """
     reporter = reporter or NullReporter()
     data = config.data
     data.validate()
@@ -706,6 +720,27 @@ def preprocess(
     workers = workers or default_preprocess_workers(config)
     out_dir = resolve_out_dir(data, inputs, out)
     _check_writable(out_dir)
+    created = _make_dirs(out_dir)
+    finished = False
+    try:
+        with FileLock(out_dir / LOCK, f"data folder {out_dir}"):
+            if done := clean_up(out_dir, "preprocess|" + re.escape(MANIFEST)):
+                reporter.info(f"cleaned up after an interrupted preprocess: {'; '.join(done)}")
+            result = _preprocess(config, inputs, out_dir, workers, force, reporter, parallel_min_bytes)
+        finished = True
+        return result
+    finally:
+        if not finished:
+            for folder in created:
+                try:
+                    folder.rmdir()
+                except OSError:
+                    break
+
+
+def _preprocess(config: Config, inputs: list[str], out_dir: Path, workers: int, force: bool, reporter: Reporter,
+                parallel_min_bytes: int) -> PreprocessResult:
+    data = config.data
     started = time.perf_counter()
 
     inventory = discover(inputs, exclude_dir=out_dir)
@@ -736,13 +771,12 @@ def preprocess(
     tokenizer_s = time.perf_counter() - tokenizer_started
 
     dtype = dtype_for(tokenizer.vocab_size)
-    created = _make_dirs(out_dir)
     work = Path(tempfile.mkdtemp(prefix=".preprocess-", suffix=".tmp", dir=out_dir))
-    finished = False
+    totals = _Totals()
     try:
         encode_started, encode_cpu = time.perf_counter(), _cpu_seconds()
         bins = (work / split_file_name("train"), work / split_file_name("val"))
-        totals = _encode(scan, data, tokenizer, dtype, bins, workers, parallel_min_bytes, reporter)
+        _encode(scan, data, tokenizer, dtype, bins, workers, parallel_min_bytes, reporter, totals)
         encode_s, encode_cpu_s = time.perf_counter() - encode_started, _cpu_seconds() - encode_cpu
         if totals.documents[VAL] == 0 or totals.tokens[TRAIN] == 0:
             raise UsageError("the corpus is too small to give both a train and a val split; add more text")
@@ -775,24 +809,30 @@ def preprocess(
                         "encode_s": round(encode_s, 3), "encode_cpu_s": round(encode_cpu_s, 3),
                         "total_s": round(time.perf_counter() - started, 3)},
         }
-        # The old manifest goes first: from here until the new one is written the folder is unfinished.
-        (out_dir / MANIFEST).unlink(missing_ok=True)
-        for name in (TOKENIZER, *map(split_file_name, SPLITS), CONFIG):
-            os.replace(work / name, out_dir / name)
-        fsync_dir(out_dir)
-        atomic_write_json(out_dir / MANIFEST, manifest)
-        finished = True
+        with atomic_path(out_dir / MANIFEST) as new_manifest:
+            # Written before the old manifest goes, so that a full disk cannot leave the folder without one.
+            new_manifest.write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
+            # From here until the new manifest takes its name the folder is unfinished.
+            (out_dir / MANIFEST).unlink(missing_ok=True)
+            for name in (TOKENIZER, *map(split_file_name, SPLITS), CONFIG):
+                os.replace(work / name, out_dir / name)
+            fsync_dir(out_dir)
     except OSError as exc:
+        if (code := no_space_errno(exc)) is not None:
+            needs = _output_bytes(scan, totals, dtype) + len(tokenizer.model_proto)
+            raise HetlmError(disk_full_message(out_dir, code, needs)) from exc
         raise HetlmError(f"writing {out_dir} failed: {exc}") from None
     finally:
         shutil.rmtree(work, ignore_errors=True)
-        if not finished:
-            for folder in created:
-                try:
-                    folder.rmdir()
-                except OSError:
-                    break
     return PreprocessResult(out_dir, manifest)
+
+
+def _output_bytes(scan: Scan, totals: _Totals, dtype: np.dtype) -> int:
+    """The token files' size: what was written, scaled to the whole corpus (at most a token per byte before any)."""
+    encoded = sum(totals.bytes)
+    if not encoded:
+        return (scan.bytes + 2 * scan.documents) * dtype.itemsize
+    return sum(totals.tokens) * dtype.itemsize * scan.bytes // encoded
 
 
 def _cpu_seconds() -> float:

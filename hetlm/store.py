@@ -28,18 +28,25 @@ Bundle folder (``hetlm deploy``): Hugging Face files (``--format hf``) and/or ``
 ``Modelfile`` (``--format gguf``) beside ``hetlm.json``, written last, which holds hetlm's config, metrics and
 source and the sha256 of every other file.
 
-Checkpoints and bundles are assembled under a temporary name, fsynced and renamed, so a crash leaves
-either the previous state or a complete folder; one whose manifest is missing or whose hashes do not
-match is treated as torn and skipped.
+Checkpoints and bundles are assembled under a temporary name, fsynced and renamed (``hetlm.io``), so a
+crash leaves either the previous state or a complete folder; one whose manifest is missing, does not list
+every file it needs with its sha256, or whose hashes do not match is treated as torn and skipped.
+Weights are checked against the config from the safetensors header before any model is built.
+
+Writers lock what they write (``.hetlm.lock`` in a run or data folder, ``.NAME.lock`` beside a bundle),
+and clean up what crashed writers left there once they hold the lock.
 """
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import json
 import math
+import os
 import re
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -48,12 +55,24 @@ import numpy as np
 import sentencepiece as spm
 import torch
 import yaml
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from hetlm import __version__
-from hetlm.config import Config, config_from_dict, save_config
+from hetlm.config import Config, ModelConfig, config_from_dict, save_config
 from hetlm.errors import HetlmError, UsageError
-from hetlm.io import atomic_dir, atomic_write_json, sha256_file
+from hetlm.io import (
+    FileLock,
+    aside_path,
+    atomic_dir,
+    atomic_write_json,
+    clean_up,
+    disk_full_errors,
+    recover,
+    remove_path,
+    sha256_file,
+    size_of,
+)
 from hetlm.model import Transformer
 from hetlm.reporting import NullReporter, Reporter
 
@@ -70,12 +89,32 @@ METRICS = "metrics.jsonl"
 EVAL_RESULTS = "eval.json"
 LOSS_PLOT = "loss.png"
 TENSORBOARD = "tensorboard"
+LOCK = ".hetlm.lock"
 SPLITS = ("train", "val")
+# What loading needs; a manifest that leaves one out does not vouch for it (a bundle may hold other formats only).
+CHECKPOINT_FILES = (WEIGHTS, CONFIG, TOKENIZER)
+BUNDLE_FILES = (WEIGHTS, TOKENIZER)
+WEIGHT_DTYPES = ("F32", "F16", "BF16")
+LAYER_WEIGHT = re.compile(r"model\.layers\.(\d+)\.")
+SHA256 = re.compile(r"[0-9a-f]{64}")
 
 DATA_FORMAT_VERSION = 1
 CHECKPOINT_FORMAT_VERSION = 1
 BUNDLE_FORMAT_VERSION = 1
 STEP_DIR = re.compile(r"^step-(\d+)$")
+
+
+def _unlisted(files: Any, required: tuple[str, ...]) -> str | None:
+    """What is wrong with a manifest's "files" (name -> sha256 of each plain file name), or None."""
+    if not isinstance(files, dict):
+        return "it lists no files"
+    for name, digest in files.items():
+        if not isinstance(name, str) or name in ("", ".", "..") or Path(name).name != name:
+            return f"it lists {name!r}, which is not a file name in the folder"
+        if not isinstance(digest, str) or not SHA256.fullmatch(digest):
+            return f"its sha256 of {name} is not one"
+    missing = [name for name in required if name not in files]
+    return f"it does not list {', '.join(missing)}" if missing else None
 
 
 def _read_json(path: Path) -> Any:
@@ -206,12 +245,72 @@ def weights_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return state
 
 
+def weights_header(path: Path) -> dict[str, tuple[tuple[int, ...], str]]:
+    """Name -> (shape, dtype) of each tensor in a safetensors file, from its header: no tensor is read."""
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            return {name: (tuple(handle.get_slice(name).get_shape()), handle.get_slice(name).get_dtype())
+                    for name in handle.keys()}
+    except (OSError, SafetensorError) as exc:
+        raise UsageError(f"{path} is not a readable safetensors file ({exc})") from None
+
+
+def expected_weights(model: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """Name -> shape of each weight a checkpoint of ``model`` holds (a tied lm_head is the embedding)."""
+    with torch.device("meta"):
+        # One layer stands for all of them: a config claiming thousands of layers costs nothing here.
+        one = Transformer(dataclasses.replace(model, n_layers=1))
+    shapes = {}
+    for name, param in one.named_parameters():
+        if (match := LAYER_WEIGHT.match(name)) is None:
+            shapes[name] = tuple(param.shape)
+            continue
+        rest = name[match.end():]
+        for layer in range(model.n_layers):
+            shapes[f"model.layers.{layer}.{rest}"] = tuple(param.shape)
+    return shapes
+
+
+def check_weights(config: Config, weights_path: Path) -> None:
+    """UsageError unless ``weights_path`` holds exactly the weights of ``config``'s model, in shape and dtype.
+
+    Only the header is read, and nothing the size of the model is built, so an edited config cannot make
+    loading allocate what it claims before the weights contradict it.
+    """
+    header = weights_header(weights_path)
+    model = config.model
+    mismatch = f"{weights_path}: weights do not match the model"
+    layers = {int(match.group(1)) for name in header if (match := LAYER_WEIGHT.match(name))}
+    if layers != set(range(model.n_layers)):
+        raise UsageError(f"{mismatch} (the config has model.n_layers={model.n_layers}, the weights {len(layers)} layers)")
+    expected = expected_weights(model)
+    if model.tie_embeddings and "lm_head.weight" in header:
+        expected["lm_head.weight"] = expected["model.embed_tokens.weight"]
+    if unknown := sorted(set(header) - set(expected)):
+        raise UsageError(f"{mismatch} (unexpected {unknown[:3]})")
+    if missing := sorted(set(expected) - set(header)):
+        raise UsageError(f"{mismatch} (missing {missing[:3]})")
+    for name, (shape, dtype) in header.items():
+        if shape != expected[name]:
+            raise UsageError(f"{mismatch} ({name} is {list(shape)} in the weights, {list(expected[name])} in the config)")
+        if dtype not in WEIGHT_DTYPES:
+            raise UsageError(f"{mismatch} ({name} is {dtype}; weights are {', '.join(WEIGHT_DTYPES)})")
+
+
 def model_from_weights(config: Config, weights_path: Path, device: str | torch.device = "cpu") -> Transformer:
     """The model of ``config`` with the weights in ``weights_path`` (fp32 whatever they are stored in), on ``device``."""
-    try:
-        return Transformer.from_state_dict(config.model, load_file(str(weights_path)), device)
-    except KeyError as exc:
-        raise HetlmError(f"{weights_path}: weights do not match the model ({exc.args[0]})") from None
+    check_weights(config, weights_path)
+    return Transformer.from_state_dict(config.model, load_file(str(weights_path)), device)
+
+
+def _tensor_bytes(obj: Any) -> int:
+    if isinstance(obj, torch.Tensor):
+        return obj.nbytes
+    if isinstance(obj, dict):
+        return sum(map(_tensor_bytes, obj.values()))
+    if isinstance(obj, (list, tuple)):
+        return sum(map(_tensor_bytes, obj))
+    return 0
 
 
 @dataclass(frozen=True)
@@ -231,10 +330,13 @@ class Checkpoint:
         path = Path(path)
         state = weights_state_dict(model) if weights is None else {
             name: tensor.to("cpu", torch.float32).contiguous() for name, tensor in weights.items()}
-        with atomic_dir(path) as tmp:
+        needs = _tensor_bytes(state) + _tensor_bytes(trainer_state) + os.path.getsize(tokenizer_path)
+        with disk_full_errors(path, needs), atomic_dir(path) as tmp:
             save_file(state, tmp / WEIGHTS, metadata={"format": "pt"})
             if trainer_state is not None:
-                torch.save(trainer_state, tmp / TRAINER_STATE)
+                # Through a Python file: a full disk then surfaces as an OSError, not as torch's "unexpected pos".
+                with open(tmp / TRAINER_STATE, "wb") as handle:
+                    torch.save(trainer_state, handle)
             (tmp / CONFIG).write_text(config.to_yaml(), encoding="utf-8")
             shutil.copyfile(tokenizer_path, tmp / TOKENIZER)
             files = {p.name: sha256_file(p) for p in sorted(tmp.iterdir()) if p.is_file()}
@@ -253,7 +355,11 @@ class Checkpoint:
         """The checkpoint at ``path``, or None when its manifest is missing, unreadable or does not match its files."""
         path = Path(path)
         manifest = _read_json(path / MANIFEST)
-        if not isinstance(manifest, dict) or manifest.get("kind") != "checkpoint" or not isinstance(manifest.get("files"), dict):
+        if not isinstance(manifest, dict) or manifest.get("kind") != "checkpoint" \
+                or _unlisted(manifest.get("files"), CHECKPOINT_FILES) is not None:
+            return None
+        if TRAINER_STATE not in manifest["files"] and os.path.lexists(path / TRAINER_STATE):
+            # Optimizer state nothing vouches for is not resumed from.
             return None
         for name, digest in manifest["files"].items():
             file = path / name
@@ -284,7 +390,7 @@ class Checkpoint:
 
     @property
     def has_trainer_state(self) -> bool:
-        return (self.path / TRAINER_STATE).is_file()
+        return TRAINER_STATE in self.manifest["files"]
 
     def config(self) -> Config:
         return read_config(self.path)
@@ -338,6 +444,33 @@ class RunDir:
     def save_config(self, config: Config) -> None:
         save_config(config, self.config_path)
 
+    def check_layout(self) -> None:
+        """UsageError unless training may write and delete here: a folder (or room for one) with its checkpoints inside."""
+        probe = self.path
+        while not os.path.lexists(probe) and probe.parent != probe:
+            probe = probe.parent
+        if not probe.is_dir():
+            where = "" if probe == self.path else f" (cannot make {self.path})"
+            raise UsageError(f"{probe} is a file, not a folder{where}: --out names the run folder")
+        root = self.path / CHECKPOINTS
+        if root.is_symlink():
+            target = root.resolve()
+            if not target.is_relative_to(self.path.resolve()):
+                raise UsageError(f"{root} links to {target}, outside the run: training deletes old checkpoints there, "
+                                 "so it refuses such a run (give the run its own checkpoints folder, or start "
+                                 "from the other run with --resume PATH)")
+        if os.path.lexists(root) and not root.is_dir():
+            raise UsageError(f"{root} is not a folder")
+
+    @contextlib.contextmanager
+    def claim(self, reporter: Reporter = NullReporter()) -> Iterator[None]:
+        """Lock the run for writing (refused while another process holds it), then clean up after crashed writers."""
+        self.check_layout()
+        self.path.mkdir(parents=True, exist_ok=True)
+        with FileLock(self.path / LOCK, f"run {self.path}"):
+            self.remove_stale(reporter)
+            yield
+
     def checkpoints(self, reporter: Reporter = NullReporter(), verify: bool = True) -> list[Checkpoint]:
         """Complete checkpoints, oldest first; torn ones are reported and skipped."""
         root = self.path / CHECKPOINTS
@@ -367,7 +500,7 @@ class RunDir:
         complete = {c.path for c in found}
         for path in (self.path / CHECKPOINTS).glob("step-*"):
             if STEP_DIR.match(path.name) and path not in complete:
-                shutil.rmtree(path, ignore_errors=True)
+                _remove_checkpoint(path)
         keep = {c.path for c in found[-keep_last:]}
         if (best := self.best(found)) is not None:
             keep.add(best.path)
@@ -381,16 +514,23 @@ class RunDir:
         for old in (self.path / CHECKPOINTS).glob("step-*"):
             _remove_checkpoint(old)
         for target in (self.metrics_path, self.loss_plot_path, self.tensorboard_path):
-            shutil.rmtree(target) if target.is_dir() else target.unlink(missing_ok=True)
+            remove_path(target)
         return removed
 
-    def remove_stale(self) -> None:
-        """Temporary folders of a checkpoint that was being written when a process died."""
-        for stale in (self.path / CHECKPOINTS).glob(".step-*"):
-            shutil.rmtree(stale, ignore_errors=True)
+    def remove_stale(self, reporter: Reporter = NullReporter()) -> None:
+        """Finish or undo what a process that died while writing left (hold the run's lock), and say what."""
+        done = clean_up(self.path / CHECKPOINTS, r"step-\d+")
+        # eval.json is left out: hetlm eval writes it without waiting for a training run's lock.
+        done += clean_up(self.path, "|".join(map(re.escape, (CONFIG, METRICS))))
+        if done:
+            reporter.info(f"cleaned up after an interrupted run in {self.path}: {'; '.join(done)}")
 
 
 def _remove_checkpoint(path: Path) -> None:
+    if path.is_symlink():
+        # Never delete through a link: what it points to may be another run's.
+        path.unlink()
+        return
     # Removing the manifest first makes a half-deleted folder read as torn, never as complete.
     (path / MANIFEST).unlink(missing_ok=True)
     shutil.rmtree(path, ignore_errors=True)
@@ -410,9 +550,10 @@ def read_bundle_manifest(path: Path, verify: bool = True) -> dict[str, Any]:
         meta = json.loads((path / BUNDLE_MANIFEST).read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
         raise UsageError(f"{path / BUNDLE_MANIFEST} is not readable JSON: {exc}") from None
-    if not isinstance(meta, dict) or meta.get("kind") != "bundle" or not isinstance(meta.get("files"), dict) \
-            or not isinstance(meta.get("config"), dict):
+    if not isinstance(meta, dict) or meta.get("kind") != "bundle" or not isinstance(meta.get("config"), dict):
         raise UsageError(f"{path / BUNDLE_MANIFEST} is not a hetlm bundle manifest")
+    if (problem := _unlisted(meta.get("files"), ())) is not None:
+        raise UsageError(f"bundle {path} is edited or corrupt: {problem} in {BUNDLE_MANIFEST}")
     for name, digest in meta["files"].items():
         file = path / name
         if not file.is_file():
@@ -422,15 +563,30 @@ def read_bundle_manifest(path: Path, verify: bool = True) -> dict[str, Any]:
     return meta
 
 
-def write_bundle(out: Path, fill: Callable[[Path], dict[str, Any]]) -> Path:
-    """Write a bundle at ``out`` atomically: ``fill(folder)`` writes its files and returns hetlm.json's facts."""
-    with atomic_dir(out) as tmp:
-        meta = fill(tmp)
-        files = {p.name: sha256_file(p) for p in sorted(tmp.iterdir()) if p.is_file()}
-        (tmp / BUNDLE_MANIFEST).write_text(json.dumps({
-            "format_version": BUNDLE_FORMAT_VERSION, "kind": "bundle", "hetlm_version": __version__,
-            **meta, "files": files}, indent=2) + "\n", encoding="utf-8")
-    return Path(out)
+def bundle_lock_path(out: Path) -> Path:
+    # Beside the bundle, not in it: the folder itself is replaced.
+    return Path(out).with_name(f".{Path(out).name}.lock")
+
+
+def write_bundle(out: Path, fill: Callable[[Path], dict[str, Any]], reporter: Reporter = NullReporter()) -> Path:
+    """Write a bundle at ``out`` atomically: ``fill(folder)`` writes its files and returns hetlm.json's facts.
+
+    Another process writing the same bundle makes this one fail; what crashed ones left is cleaned up first.
+    """
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(bundle_lock_path(out), f"bundle {out}"):
+        if done := clean_up(out.parent, re.escape(out.name)):
+            reporter.info(f"cleaned up after an interrupted deploy: {'; '.join(done)}")
+        # A bundle being replaced is the best guess of what the new one takes.
+        needs = size_of(out) if is_bundle(out) else None
+        with disk_full_errors(out, needs), atomic_dir(out) as tmp:
+            meta = fill(tmp)
+            files = {p.name: sha256_file(p) for p in sorted(tmp.iterdir()) if p.is_file()}
+            (tmp / BUNDLE_MANIFEST).write_text(json.dumps({
+                "format_version": BUNDLE_FORMAT_VERSION, "kind": "bundle", "hetlm_version": __version__,
+                **meta, "files": files}, indent=2) + "\n", encoding="utf-8")
+    return out
 
 
 # --- resolving and loading a trained model --------------------------------------------------------------
@@ -439,6 +595,11 @@ def write_bundle(out: Path, fill: Callable[[Path], dict[str, Any]]) -> Path:
 def resolve(target: Path, prefer: str = "best", reporter: Reporter = NullReporter()) -> Path:
     """A checkpoint folder from a checkpoint folder or a run folder (its best by val loss, else newest); a bundle as is."""
     target = Path(target)
+    if not target.exists() and is_bundle(aside_path(target)):
+        # A deploy was killed between moving the old bundle aside and moving the new one in (where folders
+        # cannot be swapped in one step): put the old one back, unless a deploy is running.
+        with contextlib.suppress(HetlmError), FileLock(bundle_lock_path(target), f"bundle {target}", patience=0.0):
+            recover(target)
     if not target.exists():
         raise UsageError(f"{target} does not exist")
     if (target / MANIFEST).is_file():
@@ -503,10 +664,26 @@ class LoadedModel:
             return metrics
         return None
 
-    def save_eval_results(self, record: dict[str, Any]) -> Path | None:
+    def save_eval_results(self, record: dict[str, Any], reporter: Reporter = NullReporter()) -> Path | None:
+        """Write eval.json (OSError or HetlmError when it cannot be); None for a bundle, which has no place for it."""
         path = self.eval_results_path
-        if path is not None:
-            atomic_write_json(path, record)
+        if path is None:
+            return None
+        lock = FileLock(path.parent / LOCK, str(path.parent), patience=0.0)
+        try:
+            lock.acquire()
+        except HetlmError:
+            # Training holds the run, or the folder is read-only: the write is atomic all the same, only the
+            # clean-up of leftovers waits for a later eval.
+            lock = None
+        try:
+            if lock is not None and (done := clean_up(path.parent, re.escape(EVAL_RESULTS))):
+                reporter.info(f"cleaned up after an interrupted eval: {'; '.join(done)}")
+            with disk_full_errors(path):
+                atomic_write_json(path, record)
+        finally:
+            if lock is not None:
+                lock.release()
         return path
 
 
@@ -516,13 +693,15 @@ def load_checkpoint(target: Path, device: str | torch.device = "cpu", prefer: st
     path = resolve(target, prefer, reporter)
     if is_bundle(path):
         meta = read_bundle_manifest(path)
+        if WEIGHTS not in meta["files"] and GGUF_FILE in meta["files"]:
+            raise UsageError(f"bundle {path} holds only {GGUF_FILE} (for llama.cpp and Ollama): deploy with --format hf or "
+                             "all for hetlm to load it")
+        if missing := [name for name in BUNDLE_FILES if name not in meta["files"]]:
+            raise UsageError(f"bundle {path} cannot be loaded: {BUNDLE_MANIFEST} does not list {', '.join(missing)}")
         try:
             config = config_from_dict(meta["config"])
         except HetlmError as exc:
             raise UsageError(f"{path / BUNDLE_MANIFEST}: invalid config ({exc})") from None
-        if WEIGHTS not in meta["files"]:
-            raise UsageError(f"bundle {path} holds only {GGUF_FILE} (for llama.cpp and Ollama): deploy with --format hf or "
-                             "all for hetlm to load it")
         model = model_from_weights(config, path / WEIGHTS, device)
         return LoadedModel(model=model.eval(), config=config, tokenizer_path=path / TOKENIZER, path=path, manifest=meta)
     checkpoint = Checkpoint.read(path, verify=False)

@@ -35,6 +35,7 @@ from hetlm.config import Config, TrainConfig, parse_duration
 from hetlm.data import PrefetchLoader, fixed_starts, gather_windows, split_inputs_targets
 from hetlm.errors import HetlmError, UsageError
 from hetlm.evaluate import count_bytes, token_byte_lengths
+from hetlm.io import disk_full_errors
 from hetlm.metrics import MetricsLog, eval_record, finite, plot_losses
 from hetlm.model import flops_per_token
 from hetlm.offload import OptimizerOffload
@@ -380,19 +381,21 @@ def train(config: Config, plan: Plan, out: Path | None = None, resume: str = "au
     ``plan`` is the planner's Plan for this process. ``resume`` is "auto" (continue from the newest
     complete checkpoint of the run, or start from its step-0 build), "never" (start over, removing the
     run's checkpoints) or the path of a checkpoint or run to continue from. Under torchrun each process
-    calls this; only rank 0 reports, writes checkpoints and logs.
+    calls this; only rank 0 reports, writes checkpoints and logs, and holds the run's lock.
     """
     procs = _start_processes(plan.torch_device)
     deterministic = torch.are_deterministic_algorithms_enabled()
+    run_dir = Path(out) if out is not None else default_run_dir(config)
     try:
         if config.train.deterministic:
             os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
             torch.use_deterministic_algorithms(True, warn_only=True)
-        trainer = Trainer(config, plan, out, resume, reporter if procs.main else NullReporter(), procs)
-        try:
-            return trainer.run()
-        finally:
-            trainer.close()
+        with contextlib.ExitStack() as held, disk_full_errors(run_dir):
+            trainer = Trainer(config, plan, out, resume, reporter if procs.main else NullReporter(), procs, held)
+            try:
+                return trainer.run()
+            finally:
+                trainer.close()
     finally:
         torch.use_deterministic_algorithms(deterministic)
         if procs.distributed and tdist.is_initialized():
@@ -403,7 +406,7 @@ class Trainer:
     """One process's training run: built whole from the run folder's checkpoint, then ``run``."""
 
     def __init__(self, config: Config, plan: Plan, out: Path | None, resume: str, reporter: Reporter,
-                 procs: Processes) -> None:
+                 procs: Processes, held: contextlib.ExitStack) -> None:
         self.plan = plan
         self.reporter = reporter
         self.procs = procs
@@ -425,7 +428,8 @@ class Trainer:
         self.tokens_per_step = self.accumulation * self.micro_batch * T * procs.world_size
         plan.apply()
 
-        self.loaded_from = self._prepare_run(resume)
+        # Rank 0 takes the run's lock into ``held``, whose owner releases it when training is over.
+        self.loaded_from = self._prepare_run(resume, held)
         check_compatible(self.loaded_from, self.config, self.data, self.run_dir.path)
         self.model = self.loaded_from.model(self.device).train()
         compute = plan.autocast_dtype or torch.float32
@@ -463,19 +467,22 @@ class Trainer:
 
     # -- setup
 
-    def _prepare_run(self, resume: str) -> Checkpoint:
-        """Rank 0 readies the run folder; every rank then returns the checkpoint to start from."""
+    def _prepare_run(self, resume: str, held: contextlib.ExitStack) -> Checkpoint:
+        """Rank 0 locks and readies the run folder; every rank then returns the checkpoint to start from."""
         run = self.run_dir
+        failure: Exception | None = None
         if self.procs.main:
-            if resume == "never" and RunDir.is_run(run.path):
-                removed = run.start_over()
-                self.reporter.warning(f"--resume never: starting {run.path} over ({removed} checkpoint(s) removed)")
-            if RunDir.is_run(run.path):
-                run.remove_stale()
-            if resume in ("auto", "never") and not run.checkpoints(verify=False):
-                build_run(self.config, run.path, self.reporter, data=self.data)
-            run.save_config(self.config)
-        self._barrier()
+            try:
+                held.enter_context(run.claim(self.reporter))
+                if resume == "never" and RunDir.is_run(run.path):
+                    removed = run.start_over()
+                    self.reporter.warning(f"--resume never: starting {run.path} over ({removed} checkpoint(s) removed)")
+                if resume in ("auto", "never") and not run.checkpoints(verify=False):
+                    build_run(self.config, run.path, self.reporter, data=self.data)
+                run.save_config(self.config)
+            except Exception as exc:
+                failure = exc
+        self._share_failure(failure)
         if resume in ("auto", "never"):
             found = run.checkpoints(self.reporter)
             if not found:
@@ -483,9 +490,16 @@ class Trainer:
             return found[-1]
         return Checkpoint.read(resolve(Path(resume), prefer="latest", reporter=self.reporter), verify=False)
 
-    def _barrier(self) -> None:
+    def _share_failure(self, failure: Exception | None) -> None:
+        """Raise rank 0's ``failure`` on every rank (a barrier otherwise): no rank waits for a run that is not coming."""
         if self.procs.distributed:
-            tdist.barrier(group=self.procs.control)
+            shared = [None if failure is None else (str(failure), getattr(failure, "exit_code", 1))]
+            tdist.broadcast_object_list(shared, src=0, group=self.procs.control)
+            if shared[0] is not None and failure is None:
+                message, code = shared[0]
+                failure = (UsageError if code == UsageError.exit_code else HetlmError)(f"rank 0: {message}")
+        if failure is not None:
+            raise failure
 
     def _seed(self) -> None:
         seed = self.train_cfg.seed + self.procs.rank

@@ -4,7 +4,7 @@ import stat
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from hetlm.config import load_config
 from hetlm.errors import UsageError
@@ -113,6 +113,9 @@ def test_bundles_get_the_modes_of_ordinary_new_files(tmp_path):
     def fill(folder):
         (folder / "a.json").write_text("{}")
         torch.save({"x": torch.ones(1)}, folder / "b.pt")
+        # safetensors writes a file of its own and renames it: 0600.
+        save_file({"x": torch.ones(1)}, folder / "model.safetensors")
+        (folder / "tokenizer.model").write_bytes(b"pieces")
         return {"config": {}}
 
     umask = os.umask(0o022)
@@ -122,5 +125,5 @@ def test_bundles_get_the_modes_of_ordinary_new_files(tmp_path):
         os.umask(umask)
     assert stat.S_IMODE(out.stat().st_mode) == 0o755
     assert {p.name: stat.S_IMODE(p.stat().st_mode) for p in out.iterdir()} == {
-        "a.json": 0o644, "b.pt": 0o644, "hetlm.json": 0o644}
-    assert read_bundle_manifest(out)["files"].keys() == {"a.json", "b.pt"}
+        "a.json": 0o644, "b.pt": 0o644, "model.safetensors": 0o644, "tokenizer.model": 0o644, "hetlm.json": 0o644}
+    assert read_bundle_manifest(out)["files"].keys() == {"a.json", "b.pt", "model.safetensors", "tokenizer.model"}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+import traceback
 from typing import Annotated, Optional
 
 import typer
@@ -50,8 +51,16 @@ def _is_click_error(exc: Exception) -> bool:
     return hasattr(exc, "format_message") and isinstance(getattr(exc, "exit_code", None), int)
 
 
+def _traceback() -> None:
+    if _state["debug"]:
+        traceback.print_exc()
+
+
 def run(argv: list[str] | None = None) -> int:
-    """Run the CLI on ``argv`` and return the exit code instead of exiting."""
+    """Run the CLI on ``argv`` and return the exit code instead of exiting.
+
+    With --debug the traceback comes first; the error line and the exit code stay the same.
+    """
     args = list(sys.argv[1:] if argv is None else argv)
     _state["debug"] = "--debug" in args
     command = typer.main.get_command(app)
@@ -59,25 +68,26 @@ def run(argv: list[str] | None = None) -> int:
         result = command.main(args=args, prog_name="hetlm", standalone_mode=False)
         return result if isinstance(result, int) else 0
     except HetlmError as exc:
-        if _state["debug"]:
-            raise
+        _traceback()
         return _fail(str(exc), exc.exit_code)
     except typer.Exit as exc:
         return exc.exit_code
     except (KeyboardInterrupt, typer.Abort):
-        if _state["debug"]:
-            raise
+        _traceback()
         stderr.print("[yellow]interrupted[/]")
         return 130
     except Exception as exc:
         if _is_click_error(exc):
             # Typer's own copy of click raises these for bad options; they already carry exit code 2.
+            message = exc.format_message()
+            if not message:
+                # `hetlm` alone: the help is already printed and says it all.
+                return exc.exit_code
             ctx = getattr(exc, "ctx", None)
             if ctx is not None:
                 stderr.print(ctx.get_usage(), highlight=False)
-            return _fail(exc.format_message(), exc.exit_code)
-        if _state["debug"]:
-            raise
+            return _fail(message, exc.exit_code)
+        _traceback()
         return _fail(f"{type(exc).__name__}: {exc} (run with --debug for the traceback)", 1)
 
 

@@ -5,13 +5,13 @@ from __future__ import annotations
 from rich.markup import escape
 from rich.table import Table
 
-from hetlm.build import build_run, resolve_config
+from hetlm.build import build_run, default_run_dir, resolve_config
 from hetlm.cli.app import app
 from hetlm.cli.options import ConfigOption, OutOption, SetOption
 from hetlm.cli.render import RichReporter, plan_table, stdout
 from hetlm.config import Config, load_config
 from hetlm.planner import Plan, detect_inventory, make_plan
-from hetlm.store import DataFolder
+from hetlm.store import DataFolder, RunDir
 from hetlm.train import process_layout
 
 
@@ -26,8 +26,9 @@ def plan_for(config: Config) -> tuple[Config, Plan]:
 def build(config: ConfigOption = None, set_: SetOption = None, out: OutOption = None) -> None:
     """Build the model against the data folder's tokenizer and write the run folder with its step-0 checkpoint."""
     resolved, plan = plan_for(load_config(config, set_ or []))
-    with RichReporter() as reporter:
-        result = build_run(resolved, out, reporter)
+    run = RunDir(out if out is not None else default_run_dir(resolved))
+    with RichReporter() as reporter, run.claim(reporter):
+        result = build_run(resolved, run.path, reporter)
     sizes = Table(title=f"Model {resolved.name}", title_justify="left", show_header=False)
     sizes.add_column(style="bold")
     sizes.add_column(justify="right")

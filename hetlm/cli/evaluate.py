@@ -15,7 +15,7 @@ from hetlm.cli.app import app
 from hetlm.cli.loading import TargetArgument, load_for_inference
 from hetlm.cli.options import SetOption, key_help
 from hetlm.cli.render import RichReporter, stderr, stdout, weights_line
-from hetlm.errors import UsageError
+from hetlm.errors import HetlmError, UsageError
 from hetlm.evaluate import evaluate, text_tokens
 from hetlm.store import open_split, read_data_manifest
 from hetlm.tokenizer import Tokenizer
@@ -72,12 +72,19 @@ def evaluate_command(
                           chars=chars, reporter=reporter)
     stderr.print(weights_line(plan, plan.weights_in_use(loaded.model)), highlight=False, markup=False, soft_wrap=True)
     record = result.to_dict()
-    saved = loaded.save_eval_results(record)
+    # The score first: a run folder that cannot be written to must not cost the result.
     if json_:
         sys.stdout.write(json.dumps(record) + "\n")
         sys.stdout.flush()
     else:
         stdout.print(_table(record))
+    with RichReporter() as reporter:
+        try:
+            saved = loaded.save_eval_results(record, reporter)
+        except (OSError, HetlmError) as exc:
+            reason = (exc.strerror if isinstance(exc, OSError) else None) or str(exc)
+            reporter.warning(f"the result was not saved to {escape(str(loaded.eval_results_path))}: {escape(reason)}")
+            return
     if saved is not None:
         stderr.print(f"saved {escape(str(saved))}", highlight=False)
 
