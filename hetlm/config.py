@@ -148,6 +148,9 @@ class TrainConfig:
     activation_checkpointing: str = setting(
         "auto", "Recompute blocks' activations in backward instead of keeping them: none, all, N (every N-th block), or "
                 "auto: the least recomputation that lets the micro-batch fit")
+    rank_shares: str = setting(
+        "auto", "Under torchrun, each process's share of a step's sequences: auto (in proportion to each device's "
+                "predicted speed), equal, or weights such as 1,3")
     optimizer_offload: str = setting(
         "auto", "Keep the fp32 master weights and AdamW moments in CPU RAM and step them on the CPU while backward runs: "
                 "on, off, or auto: on when weights, gradients and AdamW state do not fit the device but fit RAM",
@@ -162,6 +165,9 @@ class TrainConfig:
         _check(spacing in ("auto", "none", "all") or (spacing.isdigit() and int(spacing) > 0),
                "train.activation_checkpointing must be auto, none, all or a positive N (every N-th block)")
         _check(self.optimizer_offload in OFFLOAD_CHOICES, f"train.optimizer_offload must be {_either(OFFLOAD_CHOICES)}")
+        weights = self.rank_shares.split(",")
+        _check(self.rank_shares in ("auto", "equal") or all(_positive_number(w) for w in weights),
+               "train.rank_shares must be auto, equal or positive weights such as 1,3")
         _check(self.global_batch_tokens >= 0, "train.global_batch_tokens must be >= 0")
         _check(self.learning_rate > 0, "train.learning_rate must be positive")
         _check(0 <= self.min_lr <= self.learning_rate, "train.min_lr must be between 0 and train.learning_rate")
@@ -336,6 +342,13 @@ def describe_key(key: str) -> KeyInfo:
 def _check(ok: bool, message: str) -> None:
     if not ok:
         raise ConfigError(message)
+
+
+def _positive_number(text: str) -> bool:
+    try:
+        return float(text) > 0
+    except ValueError:
+        return False
 
 
 def _either(words: list[str] | tuple[str, ...]) -> str:

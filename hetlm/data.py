@@ -51,9 +51,14 @@ def split_inputs_targets(windows: torch.Tensor) -> tuple[torch.Tensor, torch.Ten
 class PrefetchLoader:
     """Endless batches of windows, drawn ``prefetch`` steps ahead on a daemon thread.
 
+    Each optimizer step draws the starts of all ``step_sequences`` windows of the global batch at once, from
+    one stream every process shares, and this process keeps its slice ``take`` = (offset, count), cut into
+    micro-batches of ``micro_sizes``: the windows of a step depend on the seed and the step alone, however
+    many processes share it and in what proportions. Without ``take`` the whole step is this process's.
+
     Only the thread touches ``generator`` while the loader is open. ``state()`` is the generator
-    state right after the last batch returned by ``next``: a generator set to it draws the batch
-    the loader would return next.
+    state right after the step of the last batch returned by ``next``: a generator set to it draws the
+    step the loader would return next.
     """
 
     def __init__(
@@ -66,9 +71,17 @@ class PrefetchLoader:
         device: torch.device | str = "cpu",
         pin_memory: bool = False,
         non_blocking: bool = False,
+        step_sequences: int | None = None,
+        take: tuple[int, int] | None = None,
+        micro_sizes: list[int] | None = None,
     ) -> None:
         self.tokens = tokens
         self.batch_size = batch_size
+        self.step_sequences = step_sequences or batch_size
+        self.take = take or (0, self.step_sequences)
+        self.micro_sizes = micro_sizes or [batch_size] * (self.take[1] // batch_size)
+        if sum(self.micro_sizes) != self.take[1]:
+            raise ValueError(f"micro-batches {self.micro_sizes} do not add up to this process's {self.take[1]} sequences")
         self.length = length
         self.generator = generator
         self.device = torch.device(device)
@@ -82,17 +95,20 @@ class PrefetchLoader:
 
     def _produce(self) -> None:
         try:
+            offset, count = self.take
             while not self._stop.is_set():
-                windows = sample_windows(self.tokens, self.batch_size, self.length, self.generator)
-                if self.pin_memory:
-                    windows = windows.pin_memory()
-                item = (windows, self.generator.get_state())
-                while not self._stop.is_set():
-                    try:
-                        self._queue.put(item, timeout=0.1)
-                        break
-                    except queue.Full:
-                        continue
+                starts = random_starts(len(self.tokens), self.length, self.step_sequences, self.generator).numpy()
+                mine = gather_windows(self.tokens, starts[offset : offset + count], self.length)
+                state = self.generator.get_state()
+                for windows in mine.split(self.micro_sizes):
+                    if self.pin_memory:
+                        windows = windows.pin_memory()
+                    while not self._stop.is_set():
+                        try:
+                            self._queue.put((windows, state), timeout=0.1)
+                            break
+                        except queue.Full:
+                            continue
         except BaseException as exc:  # handed to the consumer, which re-raises it in the training thread
             self._queue.put((exc, None))
 

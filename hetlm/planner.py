@@ -866,6 +866,22 @@ def _fit_training(config: Config, inventory: Inventory, device: str, dtype: str,
     return TrainingFit(micro, accumulation, spacing, offload, memory, plain)
 
 
+def rank_shares(sequences: int, weights: list[float]) -> list[int]:
+    """Whole sequences per process in proportion to ``weights``, summing to ``sequences``, each at least one
+    (largest remainders get the sequences that rounding down leaves)."""
+    if sequences < len(weights):
+        raise UsageError(f"a step of {sequences} sequences cannot give each of {len(weights)} processes one: raise "
+                         "train.global_batch_tokens")
+    exact = [sequences * w / sum(weights) for w in weights]
+    shares = [max(1, math.floor(x)) for x in exact]
+    while sum(shares) > sequences:
+        shares[max(range(len(shares)), key=lambda i: shares[i] - exact[i])] -= 1
+    order = sorted(range(len(shares)), key=lambda i: exact[i] - shares[i], reverse=True)
+    for i in order[: sequences - sum(shares)]:
+        shares[i] += 1
+    return shares
+
+
 def _check_aliases(inventory: Inventory, aliases: dict[str, str], caps: dict[str, int]) -> tuple[tuple[str, str], ...]:
     names = _device_names(inventory)
     for device in [*aliases, *caps]:

@@ -39,7 +39,7 @@ from hetlm.io import disk_full_errors
 from hetlm.metrics import MetricsLog, eval_record, finite, plot_losses
 from hetlm.model import flops_per_token
 from hetlm.offload import OptimizerOffload
-from hetlm.planner import Plan
+from hetlm.planner import Plan, rank_shares
 from hetlm.reporting import NullReporter, Reporter
 from hetlm.store import Checkpoint, DataFolder, RunDir, resolve
 from hetlm.tokenizer import Tokenizer
@@ -114,9 +114,13 @@ class TrainStep:
 
     def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, plan: Plan,
                  train: TrainConfig, accumulation: int = 1, step_model: torch.nn.Module | None = None, ddp: Any = None,
-                 world_size: int = 1, offload: OptimizerOffload | None = None) -> None:
+                 world_size: int = 1, offload: OptimizerOffload | None = None, micro_sizes: list[int] | None = None,
+                 step_sequences: int | None = None) -> None:
         self.model, self.optimizer, self.scaler, self.plan, self.train = model, optimizer, scaler, plan, train
-        self.accumulation = accumulation
+        # This process's micro-batches (sequences each) and the sequences of the whole step across processes.
+        self.micro_sizes = micro_sizes or [0] * accumulation
+        self.accumulation = len(self.micro_sizes)
+        self.step_sequences = step_sequences
         self.offload = offload
         self.step_model = step_model if step_model is not None else model
         self.ddp = ddp
@@ -139,17 +143,19 @@ class TrainStep:
             last = micro == self.accumulation - 1
             if last and self.offload is not None:
                 self.offload.arm(lr)
+            # Each micro-batch's mean loss weighs by its share of the step's tokens, so uneven micro-batches and
+            # uneven processes give the gradient of one mean over the whole step; DDP's average over processes is
+            # cancelled by the world size. Only each process's last micro-batch synchronises, however many it has.
+            share = len(x) / self.step_sequences if self.step_sequences else 1 / self.accumulation
             sync = contextlib.nullcontext() if self.ddp is None or last else self.ddp.no_sync()
             with sync:
                 with self.plan.autocast():
                     _, loss = self.step_model(x, y)
-                step_loss += loss.detach()
-                self.scaler.scale(loss / self.accumulation).backward()
-        step_loss /= self.accumulation
+                step_loss += loss.detach() * share
+                self.scaler.scale(loss * (share * self.world_size)).backward()
         if self.world_size > 1:
             # The global mean loss: every rank then takes the same skip decision and logs the same figure.
             tdist.all_reduce(step_loss)
-            step_loss /= self.world_size
         if self.offload is not None:
             # The CPU has stepped (or put back and stepped again) and the new weights are on their way.
             bad = self.offload.finish(step_loss, self.train.grad_clip or math.inf)[1].to(step_loss.device)
@@ -423,10 +429,18 @@ class Trainer:
             raise UsageError(f"the plan does not fit in memory: {reason}")
         if plan.optimizer_offload and procs.distributed:
             raise UsageError("train.optimizer_offload works in a single process for now: set it off under torchrun")
-        self.micro_batch = plan.micro_batch_size
-        self.accumulation = plan.accumulation
-        self.tokens_per_step = self.accumulation * self.micro_batch * T * procs.world_size
         plan.apply()
+        self.micro_batch = plan.micro_batch_size
+        # The step's sequences across processes, this process's slice of them, and its micro-batches.
+        self.step_sequences = max(procs.world_size, round(tc.global_batch_tokens / T)) if tc.global_batch_tokens else \
+            plan.accumulation * plan.micro_batch_size * procs.world_size
+        self.shares = self._shares()
+        offset, share = sum(self.shares[: procs.rank]), self.shares[procs.rank]
+        self.take = (offset, share)
+        micro = min(self.micro_batch, share)
+        self.micro_sizes = [micro] * (share // micro) + ([share % micro] if share % micro else [])
+        self.accumulation = len(self.micro_sizes)
+        self.tokens_per_step = self.step_sequences * T
 
         # Rank 0 takes the run's lock into ``held``, whose owner releases it when training is over.
         self.loaded_from = self._prepare_run(resume, held)
@@ -456,6 +470,7 @@ class Trainer:
         if plan.compile:
             self.model.compile_blocks()
         self.stepper = TrainStep(self.model, self.optimizer, self.scaler, plan, tc, self.accumulation, offload=self.offload,
+                                 micro_sizes=self.micro_sizes, step_sequences=self.step_sequences,
                                  step_model=self.ddp if self.ddp is not None else self.model, ddp=self.ddp,
                                  world_size=procs.world_size)
         # Started by ``run``: the loader's thread draws from the generator from then on.
@@ -464,6 +479,24 @@ class Trainer:
     def close(self) -> None:
         if self.offload is not None:
             self.offload.close()
+
+    def _shares(self) -> list[int]:
+        """Each process's sequences of a step: by the devices' predicted speed, equally, or by given weights."""
+        tc, world = self.train_cfg, self.procs.world_size
+        if world == 1:
+            return [self.step_sequences]
+        if tc.rank_shares == "equal":
+            weights = [1.0] * world
+        elif tc.rank_shares == "auto":
+            # Every process learns every other's device once, so all of them compute the same split.
+            speeds: list[Any] = [None] * world
+            tdist.all_gather_object(speeds, self.plan.peak_flops, group=self.procs.control)
+            weights = [float(speed) for speed in speeds]
+        else:
+            weights = [float(w) for w in tc.rank_shares.split(",")]
+            if len(weights) != world:
+                raise UsageError(f"train.rank_shares gives {len(weights)} weights for {world} processes")
+        return rank_shares(self.step_sequences, weights)
 
     # -- setup
 
@@ -506,8 +539,9 @@ class Trainer:
         random.seed(seed)
         np.random.seed(seed)
         torch.manual_seed(seed)
-        # Each rank draws its own stream; the offset keeps it apart from the weight-init seed.
-        self.generator.manual_seed(self.train_cfg.seed * 1_000_003 + 7919 * (self.procs.rank + 1))
+        # One data stream for every process (each takes its slice of a step); the offset keeps it apart from the
+        # weight-init seed.
+        self.generator.manual_seed(self.train_cfg.seed * 1_000_003 + 7919)
 
     def state_dict(self) -> dict[str, Any]:
         """trainer.pt: the optimizer's state and the TrainState; call on every rank (it gathers their RNG states)."""
@@ -523,11 +557,13 @@ class Trainer:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         saved_world = state.get("world_size", 1)
-        if saved_world != self.procs.world_size:
+        model = self.config.model
+        if saved_world != self.procs.world_size and (model.dropout or model.attention_dropout):
+            # The data stream is global, but dropout draws from each process's own generator.
             raise UsageError(
-                f"{self.loaded_from.path} was trained by {saved_world} process(es) and this run has "
-                f"{self.procs.world_size}: resume with the same number of processes (torchrun --nproc_per_node "
-                f"{saved_world}), or start a new run with --out"
+                f"{self.loaded_from.path} was trained by {saved_world} process(es) with dropout and this run has "
+                f"{self.procs.world_size}: dropout's random numbers cannot continue exactly on another layout; resume "
+                f"with torchrun --nproc_per_node {saved_world}, or start a new run with --out"
             )
         self.optimizer.load_state_dict(state["optimizer"])
         for group, decay in zip(self.optimizer.param_groups, (self.train_cfg.weight_decay, 0.0), strict=True):
@@ -539,7 +575,9 @@ class Trainer:
         self.state.accumulation = self.accumulation
         if self.state.scaler and self.scaler.is_enabled():
             self.scaler.load_state_dict(self.state.scaler)
-        self.generator.set_state(restore_rng_states(self.state.ranks[self.procs.rank]))
+        saved = self.state.ranks
+        restore_rng_states(saved[min(self.procs.rank, len(saved) - 1)])
+        self.generator.set_state(saved[0]["data"])
 
     def _open_data(self) -> tuple[np.ndarray, torch.Tensor | None, int]:
         """The train split, the fixed validation windows (on the device) and the UTF-8 bytes of their targets."""
@@ -567,8 +605,8 @@ class Trainer:
         T = self.config.model.context_length
         if tc.global_batch_tokens and self.tokens_per_step != tc.global_batch_tokens:
             self.reporter.warning(
-                f"train.global_batch_tokens={tc.global_batch_tokens} is not a multiple of micro_batch_size x context x "
-                f"processes ({self.micro_batch * T * procs.world_size}); using {self.tokens_per_step} tokens per step"
+                f"train.global_batch_tokens={tc.global_batch_tokens} is not a multiple of the context ({T}); using "
+                f"{self.tokens_per_step} tokens per step"
             )
         if state.step >= tc.max_steps:
             self.reporter.info(
@@ -586,11 +624,14 @@ class Trainer:
         self.loader = PrefetchLoader(
             self.train_tokens, self.micro_batch, T + 1, self.generator, prefetch=self.plan.prefetch,
             device=self.device, pin_memory=self.plan.pin_memory, non_blocking=self.plan.non_blocking,
+            step_sequences=self.step_sequences, take=self.take, micro_sizes=self.micro_sizes,
         )
         self.reporter.info(
             f"training {self.run_dir.path} from step {state.step} ({self.loaded_from.path.name}) to {tc.max_steps}: "
-            f"{self.tokens_per_step:,} tokens per step ({self.accumulation} x {self.micro_batch} x {T}"
-            + (f" x {procs.world_size} processes" if procs.distributed else "")
+            f"{self.tokens_per_step:,} tokens per step ("
+            + (f"{procs.world_size} processes, shares {'/'.join(map(str, self.shares))} sequences, this one "
+               if procs.distributed else "")
+            + f"{' + '.join(map(str, self.micro_sizes))} sequences x {T}"
             + f"), AdamW {'fused' if self.fused else 'foreach'}, {self.plan.dtype} on {self.device}"
             + (", compiled" if self.plan.compile else "")
             + (f", activations recomputed in every {_nth(self.plan.checkpoint_every)} block" if self.plan.checkpoint_every
