@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from hetlm.config import Config, ModelConfig, parse_duration
+from hetlm.config import MAX_AUTO_SLOTS, Config, ModelConfig, parse_duration
 from hetlm.decode import INT8_WIDTH_MULTIPLE, Decoding
 from hetlm.errors import HetlmError, UsageError
 from hetlm.model import flops_per_token, parameter_counts
@@ -539,6 +539,9 @@ def make_plan(inventory: Inventory, config: Config, workload: str = "train", wor
         decisions.append(Decision("parallelism", f"DDP x{world_size} ({backend})", f"torchrun started {world_size} processes"))
 
     available = _available_memory(inventory, kind, cuda, world_size)
+    if workload == "infer":
+        slots, why = serving_slots(config, inventory, device, decode_weights)
+        decisions.append(Decision("serving slots", str(slots), why))
     estimate = memory_estimate(config, device, micro_batch, dtype, training, available)
     decisions.append(_memory_decision(config, estimate, micro_batch, dtype, training, world_size))
 
@@ -738,6 +741,44 @@ def _cpu_peak(cpu: CpuInfo, dtype: str, threads: int) -> float:
     else:
         per_core = CPU_CORE_PEAK["avx512" if cpu.avx512 else "other"]
     return min(threads, cpu.cores) * per_core
+
+
+# --- serving slots ----------------------------------------------------------------------------------
+
+
+def serving_slots(config: Config, inventory: Inventory, device: str, decode_weights: str) -> tuple[int, str]:
+    """How many sequences ``hetlm serve`` decodes at once on ``device``, and why: serve.max_concurrency, or for auto
+    as many KV-cache slots (with their step buffers) as fit beside the weights, at most ``MAX_AUTO_SLOTS``."""
+    model = planning_model(config)
+    kind = device.split(":")[0]
+    low = 2 if decode_weights in ("bf16", "fp16") else 4
+    L, T, V = model.n_layers, model.context_length, model.vocab_size
+    kv = L * 2 * T * model.kv_heads * model.head_dim * low
+    # A step's buffers per sequence: fp32 logits and sampling's sorted copy, indices and float64 CDF; attention
+    # scores; the hidden state and the MLP's products.
+    buffers = V * (4 + 4 + 8 + 8) + 4 * model.n_heads * T + 4 * (6 * model.d_model + 3 * model.ffn_dim)
+    per_slot = kv + buffers
+    params = _parameters(model)
+    # The model's fp32 weights, the decoder's prepared copy, the prefill's scratch cache and its activations.
+    prepared = {"int8": params + 4 * V * model.d_model, "bf16": 2 * params, "fp16": 2 * params}.get(decode_weights, 4 * params)
+    fixed = 4 * params + prepared + kv + 256 * (4 * model.d_model + 3 * model.ffn_dim) * 4 + RUNTIME_OVERHEAD[kind]
+    cuda = inventory.cuda[int(device.split(":")[1])] if kind == "cuda" else None
+    available = _available_memory(inventory, kind, cuda, 1)
+    each = f"{_size(per_slot)} per slot (KV cache {_size(kv)})"
+    if config.serve.slots is not None:
+        slots = config.serve.slots
+        fits = fixed + slots * per_slot <= available
+        return slots, f"set by serve.max_concurrency; {each}" + ("" if fits else f", more than {_gib(available)} allows")
+    fit = max(0, (available - fixed) // per_slot)
+    if fit < 1:
+        return 1, f"{each}: not even one fits beside the weights in {_gib(available)} on {device}"
+    if fit >= MAX_AUTO_SLOTS:
+        return MAX_AUTO_SLOTS, f"auto: {each}; {fit} would fit in {_gib(available)} on {device}, the cap is {MAX_AUTO_SLOTS}"
+    return fit, f"auto: {each}; as many as fit beside the weights in {_gib(available)} on {device}"
+
+
+def _size(n: int) -> str:
+    return f"{n / 2**20:.1f} MiB" if n >= 2**20 else f"{n / 2**10:.0f} KiB"
 
 
 # --- memory --------------------------------------------------------------------------------------

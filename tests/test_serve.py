@@ -26,7 +26,7 @@ from hetlm.decode import Int8Weight
 from hetlm.deploy import deploy
 from hetlm.planner import detect_inventory, make_plan
 from hetlm.sampling_settings import SamplingError, SamplingSettings
-from hetlm.serve.app import bind_warning, create_app
+from hetlm.serve.app import bind_warning, create_app, server_config
 from hetlm.serve.protocol import MAX_CHOICES, MAX_STOP
 
 NAME = "tiny"
@@ -41,7 +41,7 @@ def running(loaded, **options):
     app = create_app(loaded, plan, model_name=NAME, **options)
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False))
+    server = uvicorn.Server(server_config(app))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     deadline = time.monotonic() + 30
@@ -306,7 +306,7 @@ def test_disconnected_stream_stops_its_generation(loaded):
             deadline = time.monotonic() + 10
             # Either the job waits for the model, cancelled, or the engine thread (scheduled late on a busy
             # machine) met it already cancelled and dropped it: both mean no step ran after the hang-up.
-            while not (engine.active and engine.active[0].cancelled) and not engine.stats["cancelled"]:
+            while not (engine.jobs and engine.jobs[0].cancelled) and not engine.stats["cancelled"]:
                 assert time.monotonic() < deadline, "the server did not notice the disconnect"
                 time.sleep(0.01)
         while engine.in_flight:
