@@ -52,7 +52,7 @@ def serve_command(
     """
     if SERVE_MISSING is not None:
         raise HetlmError(f"hetlm serve needs FastAPI and uvicorn ({SERVE_MISSING}): pip install 'hetlm[serve]'")
-    key = _api_key(api_key, api_key_file)
+    key = resolve_api_key(api_key, api_key_file)
     loaded, config, plan = load_for_inference(target, set_, SERVE_OVERRIDABLE)
     changes = {k: v for k, v in {"host": host, "port": port, "max_concurrency": max_concurrency}.items() if v is not None}
     serve = dataclasses.replace(config.serve, **changes)
@@ -70,7 +70,7 @@ def serve_command(
     run_server(app_, serve.host, serve.port, reporter)
 
 
-def _api_key(given: str | None, path: Path | None) -> str | None:
+def resolve_api_key(given: str | None, path: Path | None) -> str | None:
     """The key from --api-key, --api-key-file or $HETLM_API_KEY, in that order; giving both options is an error."""
     if given is not None and path is not None:
         raise UsageError("give the API key one way: --api-key or --api-key-file")

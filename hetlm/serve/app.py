@@ -171,6 +171,21 @@ class _CountRequests:
             self.counter.labels(endpoint, str(status or CLIENT_GONE)).inc()
 
 
+class _LimitHeaders:
+    """Answers 431 to a request whose headers are over ``MAX_HEADER_BYTES``: h11 bounds a head only while it is
+    incomplete, so one that arrived in a single read would pass."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] == "http" and sum(len(k) + len(v) for k, v in scope["headers"]) > MAX_HEADER_BYTES:
+            error = ApiError(431, f"the request headers are over {MAX_HEADER_BYTES} bytes", "headers_too_large")
+            await _error_response(error)(scope, receive, send)
+            return
+        await self.app(scope, receive, send)
+
+
 def create_app(loaded: LoadedModel, plan: Plan, serve: ServeConfig | None = None, sample: SampleConfig | None = None,
                api_key: str | None = None, model_name: str | None = None, tokenizer: Any = None) -> FastAPI:
     """The FastAPI app serving ``loaded`` (already on ``plan``'s device); the engine runs while the app does.
@@ -200,6 +215,7 @@ def create_app(loaded: LoadedModel, plan: Plan, serve: ServeConfig | None = None
             engine.stop()
 
     app = FastAPI(title="hetlm", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    app.add_middleware(_LimitHeaders)
     app.add_middleware(_CountRequests, counter=metrics.requests)
     app.state.engine = engine
     app.state.settings = settings

@@ -181,20 +181,24 @@ class Engine:
                 if self._stopping:
                     leftover, self._jobs = self._jobs, []
                     break
-            with self.lock:
-                # Under the lock, so a job cancelled while a step waited for the model gets no step after it.
-                for job in [job for job in self._jobs if job.cancelled]:
-                    self._end(job, "cancelled")
-                self._start_prompts()
-                try:
-                    output = self.batch.step() if self.batch.in_use else []
-                except Exception as exc:  # one failed step must not take the engine down
-                    for job in self.active:
-                        self._end(job, "failed", Event("error", error=exc))
-                    continue
-            self._deliver(output)
+            self._step()
         for job in leftover:
             job._emit(Event("error", error=EngineStopped("the engine stopped before the job finished")))
+
+    def _step(self) -> None:
+        # A method of its own, so nothing of a step outlives it (the jobs it touched included).
+        with self.lock:
+            # Under the lock, so a job cancelled while a step waited for the model gets no step after it.
+            for cancelled in [job for job in self._jobs if job.cancelled]:
+                self._end(cancelled, "cancelled")
+            self._start_prompts()
+            try:
+                output = self.batch.step() if self.batch.in_use else []
+            except Exception as exc:  # one failed step must not take the engine down
+                for job in self.active:
+                    self._end(job, "failed", Event("error", error=exc))
+                return
+        self._deliver(output)
 
     def _start_prompts(self) -> None:
         """Prompts join the batch in the order their jobs came, each once its samples have a slot each."""

@@ -166,6 +166,8 @@ def _validation_message(exc: ValidationError) -> tuple[str, str | None]:
         return f"missing required parameter {where!r}", param
     if param == "prompt":
         return "prompt must be a string, a list of strings, a list of token ids or a list of such lists", param
+    if not where:
+        return f"invalid request body: {error['msg']}", param
     return f"invalid value for {where!r}: {error['msg']}", param
 
 
