@@ -174,7 +174,8 @@ def sample_next(logits: torch.Tensor, settings: Sequence[SamplingSettings],
         top_p = torch.tensor([s.top_p for s in rules], device=device)[:, None]
         drop = (probs.cumsum(dim=-1) - probs >= top_p) & (ranks > 0)
         x = x.masked_fill(drop, float("-inf"))
-    cdf = x.double().exp().cumsum(dim=-1)  # unnormalised: the total is at least 1
+    # Unnormalised (the total is at least 1); summed in float64 so the smallest weights still count.
+    cdf = x.exp().double().cumsum(dim=-1)
     uniform = torch.cat([torch.rand(1, generator=generators[b], dtype=torch.float64, device=device) for b in sampled])
     total = cdf[:, -1]
     # Strictly below the total, so the first entry above it is a token with weight > 0.

@@ -119,6 +119,23 @@ def test_int8_steps_score_text_like_the_model(trained, tokenizer):
     assert [c.token_ids for c in batch] == [alone] * 3
 
 
+@pytest.mark.parametrize("int8", [False, True])
+def test_batched_steps_equal_steps_alone(trained, tokenizer, int8):
+    """The same rows stepped together or one at a time (the turn-by-turn engine): float rounding apart, equal."""
+    decoder = Decoder(trained, torch.float32, int8=int8)
+    texts = [encode_prompt(tokenizer, t)[:30] for t in (MIXED, "import os\n" * 12, "def f(x):\n    return x\n" * 8)]
+    starts = [3, 12, 20]
+    with torch.inference_mode():
+        together = prefilled(trained, [t[:s] for t, s in zip(texts, starts, strict=True)])
+        apart = prefilled(trained, [t[:s] for t, s in zip(texts, starts, strict=True)])
+        for k in range(8):
+            tokens = torch.tensor([t[s + k] for t, s in zip(texts, starts, strict=True)])
+            batched = decoder.step(tokens, together)
+            alone = torch.cat([decoder.step(tokens[i : i + 1], apart, first_row=i) for i in range(3)])
+            torch.testing.assert_close(batched, alone, atol=2e-3 if int8 else 1e-5, rtol=1e-3 if int8 else 1e-5)
+            assert batched.argmax(-1).tolist() == alone.argmax(-1).tolist()
+
+
 def test_int8_refuses_widths_the_kernel_gets_wrong(tokenizer):
     config = Config()
     config.sample.quantize = "int8"

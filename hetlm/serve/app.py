@@ -21,7 +21,9 @@ import hashlib
 import hmac
 import json
 import socket
+import threading
 import time
+import weakref
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
@@ -316,16 +318,48 @@ def _error_response(exc: ApiError) -> Response:
     return Response(json.dumps(exc.body), status_code=exc.status, headers=exc.headers, media_type="application/json")
 
 
+class _Mailbox:
+    """Carries events from the engine thread onto one event loop, waking the loop once for all the events posted
+    since it last woke rather than once per event: each step of the batch has news for every request in it."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self.lock = threading.Lock()
+        self.posted: list[tuple[asyncio.Queue[Event], Event]] = []
+
+    def post(self, queue: asyncio.Queue[Event], event: Event) -> None:
+        with self.lock:
+            self.posted.append((queue, event))
+            if len(self.posted) > 1:
+                return
+        try:
+            self.loop.call_soon_threadsafe(self._deliver)
+        except RuntimeError:
+            # The loop has closed: nobody will read these. The engine cancels the job that posted last.
+            with self.lock:
+                self.posted.clear()
+            raise
+
+    def _deliver(self) -> None:
+        with self.lock:
+            posted, self.posted = self.posted, []
+        for queue, event in posted:
+            queue.put_nowait(event)
+
+
+_mailboxes: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Mailbox] = weakref.WeakKeyDictionary()
+
+
 class _LoopListener:
     """A job's listener that puts the engine thread's events on this event loop's queue."""
 
     def __init__(self) -> None:
-        self.loop = asyncio.get_running_loop()
+        loop = asyncio.get_running_loop()
+        self.mailbox = _mailboxes.get(loop) or _mailboxes.setdefault(loop, _Mailbox(loop))
         self.queue: asyncio.Queue[Event] = asyncio.Queue()
 
     def __call__(self, event: Event) -> None:
-        # Raises RuntimeError once the loop is closed; the engine then cancels the job.
-        self.loop.call_soon_threadsafe(self.queue.put_nowait, event)
+        self.mailbox.post(self.queue, event)
 
     async def steps(self) -> AsyncIterator[list[Piece]]:
         """The job's pieces as they come; pieces that piled up while the loop was busy arrive merged, one per
