@@ -79,6 +79,8 @@ class SlotCache:
         shape = (2, slots, config.kv_heads, config.context_length, config.head_dim)
         # Keys and values of a layer share one tensor, so a step stores both with one copy.
         self.layers = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layers)]
+        # Per layer, keys and values seen as (slots*K, T, E): rows r.. are a slice of them, one matrix product per head.
+        self.heads = [(kv[0].flatten(0, 1), kv[1].flatten(0, 1)) for kv in self.layers]
         self.lengths = [0] * slots
 
     @property
@@ -175,24 +177,23 @@ class Decoder:
             cos, sin = self.cos[pos].unsqueeze(1), self.sin[pos].unsqueeze(1)  # (B, 1, 2, E/2)
             # Positions past a row's own length hold another sequence's leftovers (or nothing): no row sees them.
             hidden = (torch.arange(end, device=tokens.device) > pos[:, None]).view(B, 1, 1, end)
-            written = (torch.arange(B, device=tokens.device), pos)
-        for (qkv_w, o_w, gate_up_w, down_w), kv in zip(self.layers, cache.layers, strict=True):
-            kv = kv[:, rows]  # (2, B, K, T, E)
+            row_index = torch.arange(first_row, first_row + B, device=tokens.device)
+        heads = slice(first_row * K, (first_row + B) * K)
+        for (qkv_w, o_w, gate_up_w, down_w), kv, (keys, values) in zip(self.layers, cache.layers, cache.heads, strict=True):
             qkv = self.mm(self._normalized(x), qkv_w).view(B, H + 2 * K, 2, E // 2)
             qk = qkv[:, : H + K]
             torch.addcmul(qk * cos, qk.flip(2), sin, out=qk)  # RoPE on queries and keys, in place
             new = qkv[:, H:].view(B, 2, K, E)  # this step's keys and values
             if hidden is None:
-                kv[:, :, :, pos] = new.transpose(0, 1)
+                kv[:, rows, :, pos] = new.transpose(0, 1)
             else:
-                kv[:, written[0], :, written[1]] = new
+                kv[:, row_index, :, pos] = new
             # Query heads grouped by the key/value head they share: (B*K, H/K, E) against (B*K, end, E).
-            keys, values = kv[0, :, :, :end].flatten(0, 1), kv[1, :, :, :end].flatten(0, 1)
-            scores = torch.bmm(qkv[:, :H].reshape(B * K, H // K, E), keys.transpose(1, 2))  # (B*K, H/K, end)
+            scores = torch.bmm(qkv[:, :H].reshape(B * K, H // K, E), keys[heads, :end].transpose(1, 2))  # (B*K, H/K, end)
             if hidden is not None:
                 scores.view(B, K, H // K, end).masked_fill_(hidden, float("-inf"))
             weights = torch.softmax(scores.float(), dim=-1).to(values.dtype) if low else torch.softmax(scores, dim=-1)
-            x = self.addmm(x, torch.bmm(weights, values).view(B, D), o_w)
+            x = self.addmm(x, torch.bmm(weights, values[heads, :end]).view(B, D), o_w)
             gate, up = self.mm(self._normalized(x), gate_up_w).chunk(2, dim=-1)
             x = self.addmm(x, F.silu(gate) * up, down_w)
         cache.lengths[rows] = [n + 1 for n in lengths]
