@@ -209,6 +209,9 @@ def test_batch_sampling(trained, tokenizer):
     assert texts == [c.text for c in generation.result.completions]
     assert len(set(texts)) > 1
     assert generation.result.new_tokens <= 90
+    # Sample i has its own generator, drawn from the given one: the first of three is the text of one alone.
+    one = sampler.generate(prompt, SamplingSettings(max_new_tokens=30, temperature=1.0), make_generator(1))
+    assert one.text == texts[0]
 
 
 def test_long_prompt_is_cut_from_the_left_with_a_warning(trained, tokenizer):
