@@ -146,9 +146,25 @@ def split_generator(generator: torch.Generator, count: int) -> list[torch.Genera
     return [make_generator(seed, generator.device) for seed in seeds]
 
 
-def sample_next(logits: torch.Tensor, settings: Sequence[SamplingSettings],
-                generators: Sequence[torch.Generator]) -> torch.Tensor:
-    """Next ids (B,) from logits (B, V), row b by ``settings[b]`` and drawing from ``generators[b]`` alone.
+class Uniforms:
+    """Uniform numbers in [0, 1) from one generator, drawn ``BLOCK`` at a time: sampling takes one per token, and a
+    tensor op per block costs far less than one per token. What a sequence draws depends on its generator alone."""
+
+    BLOCK = 64
+
+    def __init__(self, generator: torch.Generator) -> None:
+        self.generator = generator
+        self.ready: list[float] = []
+
+    def next(self) -> float:
+        if not self.ready:
+            block = torch.rand(self.BLOCK, generator=self.generator, dtype=torch.float64, device=self.generator.device)
+            self.ready = block.tolist()[::-1]
+        return self.ready.pop()
+
+
+def sample_next(logits: torch.Tensor, settings: Sequence[SamplingSettings], uniforms: Sequence[Uniforms]) -> torch.Tensor:
+    """Next ids (B,) from logits (B, V), row b by ``settings[b]`` and drawing from ``uniforms[b]`` alone.
 
     Greedy below ``MIN_TEMPERATURE``; otherwise top-k and top-p filtered sampling by inverting the CDF at one
     uniform number per row. The logits' maximum is subtracted before dividing by the temperature, so no
@@ -176,7 +192,7 @@ def sample_next(logits: torch.Tensor, settings: Sequence[SamplingSettings],
         x = x.masked_fill(drop, float("-inf"))
     # Unnormalised (the total is at least 1); summed in float64 so the smallest weights still count.
     cdf = x.exp().double().cumsum(dim=-1)
-    uniform = torch.cat([torch.rand(1, generator=generators[b], dtype=torch.float64, device=device) for b in sampled])
+    uniform = torch.tensor([uniforms[b].next() for b in sampled], dtype=torch.float64, device=device)
     total = cdf[:, -1]
     # Strictly below the total, so the first entry above it is a token with weight > 0.
     target = torch.minimum(uniform * total, torch.nextafter(total, torch.zeros_like(total)))
@@ -301,7 +317,7 @@ class Group:
             raise ValueError(f"{settings.num_samples} samples need as many generators, got {len(generators)}")
         self.prompt = [int(i) for i in prompt]
         self.settings = settings
-        self.generators = list(generators)
+        self.uniforms = [Uniforms(g) for g in generators]
         self.owner = owner
         self.samples: list[_Sequence] = []
         self.unfinished = settings.num_samples
@@ -319,7 +335,7 @@ class _Sequence:
 
     def __init__(self, group: Group, index: int, state: _SampleState) -> None:
         self.group, self.index, self.state = group, index, state
-        self.generator = group.generators[index]
+        self.uniforms = group.uniforms[index]
         self.ids = list(group.prompt)
         # The window: the cache holds ids[start:] but the newest, which the next step feeds.
         self.start = 0
@@ -436,7 +452,7 @@ class Batch:
             self._sample(item.sequences, logits.expand(len(item.sequences), -1), out)
 
     def _sample(self, sequences: list[_Sequence], logits: torch.Tensor, out: dict[int, tuple[Group, list[Chunk]]]) -> None:
-        ids = sample_next(logits, [s.group.settings for s in sequences], [s.generator for s in sequences]).tolist()
+        ids = sample_next(logits, [s.group.settings for s in sequences], [s.uniforms for s in sequences]).tolist()
         now = time.perf_counter()
         self.tokens += len(ids)
         leaving, sliding = [], []
@@ -563,7 +579,7 @@ class Sampler:
                 slides += 1
             with torch.inference_mode():
                 logits = self._forward_last(history[:, window_start:n], None)
-                next_ids = sample_next(logits, [settings] * B, generators)
+                next_ids = sample_next(logits, [settings] * B, group.uniforms)
                 history[:, n] = next_ids
             n += 1
             if group.first_token_at is None:

@@ -13,6 +13,7 @@ from hetlm.sampling import (
     IncrementalDetokenizer,
     Sampler,
     StopStringFilter,
+    Uniforms,
     _SampleState,
     encode_prompt,
     make_generator,
@@ -81,8 +82,10 @@ def test_top_k_and_top_p_keep_only_the_likeliest():
     logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]])).repeat(2000, 1)
     generator = make_generator(0)
 
+    uniforms = Uniforms(generator)
+
     def draw(**rule):
-        return sample_next(logits, [SamplingSettings(temperature=1.0, **rule)] * len(logits), [generator] * len(logits))
+        return sample_next(logits, [SamplingSettings(temperature=1.0, **rule)] * len(logits), [uniforms] * len(logits))
 
     assert set(draw(top_k=2).tolist()) == {0, 1}
     # 0.5 alone is under 0.7, so the second token stays; 0.5 + 0.3 reaches 0.7, so the rest go.
@@ -100,12 +103,12 @@ def test_each_row_samples_by_its_own_settings_and_generator():
     logits = torch.randn(4, 300) * 3
     rules = [SamplingSettings(temperature=0), SamplingSettings(temperature=1.0, top_k=1),
              SamplingSettings(temperature=0.9, top_p=0.5), SamplingSettings(temperature=1.2, top_k=20, top_p=0.9)]
-    together = sample_next(logits, rules, [make_generator(b) for b in range(4)])
-    alone = [sample_next(logits[b : b + 1], rules[b : b + 1], [make_generator(b)]) for b in range(4)]
+    together = sample_next(logits, rules, [Uniforms(make_generator(b)) for b in range(4)])
+    alone = [sample_next(logits[b : b + 1], rules[b : b + 1], [Uniforms(make_generator(b))]) for b in range(4)]
     assert together.tolist() == torch.cat(alone).tolist()
     assert together[:2].tolist() == logits[:2].argmax(dim=-1).tolist()
     # A row's draw uses its generator only: the others' draws (or their absence) leave it alone.
-    assert sample_next(logits[3:], rules[3:], [make_generator(3)]).item() == together[3].item()
+    assert sample_next(logits[3:], rules[3:], [Uniforms(make_generator(3))]).item() == together[3].item()
 
 
 @pytest.mark.parametrize("rule", [{"temperature": 1e-300}, {"temperature": 5e-324}, {"temperature": 1e-5},
@@ -114,7 +117,7 @@ def test_each_row_samples_by_its_own_settings_and_generator():
 def test_extreme_temperatures_and_top_p_cannot_overflow(rule):
     logits = torch.tensor([[3.0, 1.0, -2.0, 50.0, 49.9], [0.0, 0.0, 0.0, 0.0, 0.0]]) * 1000
     settings = SamplingSettings(**rule)
-    drawn = sample_next(logits, [settings] * 2, [make_generator(0), make_generator(1)])
+    drawn = sample_next(logits, [settings] * 2, [Uniforms(make_generator(0)), Uniforms(make_generator(1))])
     assert 0 <= drawn.min() and drawn.max() < 5
     if settings.temperature < 1 or settings.top_p < 1:
         # Tiny temperatures and tiny top_p leave the likeliest token (ties: one of them).

@@ -254,7 +254,7 @@ def create_app(loaded: LoadedModel, plan: Plan, serve: ServeConfig | None = None
         if not hmac.compare_digest(given, key_digest):
             raise ApiError(401, "invalid API key", "invalid_api_key")
 
-    async def read_body(request: Request, schema: type[SamplingRequest]) -> Any:
+    async def read_body(request: Request) -> bytes:
         authorize(request)
         too_large = ApiError(413, f"the request body is over {MAX_BODY_BYTES} bytes", "body_too_large")
         declared = request.headers.get("content-length", "")
@@ -267,11 +267,15 @@ def create_app(loaded: LoadedModel, plan: Plan, serve: ServeConfig | None = None
             if len(body) > MAX_BODY_BYTES:
                 # A chunked body is cut off here; uvicorn drops what the client still sends.
                 raise too_large
-        parsed = await run_in_threadpool(parse_body, bytes(body), schema)
-        if parsed.model != settings.model_name:
-            raise ApiError(404, f"model {parsed.model!r} does not exist; this server serves {settings.model_name!r}",
+        return bytes(body)
+
+    def job(raw: bytes, schema: type[SamplingRequest], params: Callable[..., GenerationParams]) -> tuple[Any, GenerationParams]:
+        """The request's body and its job: run on a worker thread, as parsing and tokenising may take a while."""
+        body = parse_body(raw, schema)
+        if body.model != settings.model_name:
+            raise ApiError(404, f"model {body.model!r} does not exist; this server serves {settings.model_name!r}",
                            "model_not_found", "model")
-        return parsed
+        return body, params(body, tokenizer, limits)
 
     @app.get("/health")
     async def health() -> dict[str, Any]:
@@ -299,15 +303,13 @@ def create_app(loaded: LoadedModel, plan: Plan, serve: ServeConfig | None = None
     @app.post("/v1/completions")
     async def completions(request: Request) -> Any:
         arrived = time.perf_counter()
-        body: CompletionRequest = await read_body(request, CompletionRequest)
-        params = await run_in_threadpool(completion_params, body, tokenizer, limits)
+        body, params = await run_in_threadpool(job, await read_body(request), CompletionRequest, completion_params)
         return await _respond(request, engine, metrics, params, body, settings, arrived, chat=False)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Any:
         arrived = time.perf_counter()
-        body: ChatRequest = await read_body(request, ChatRequest)
-        params = await run_in_threadpool(chat_params, body, tokenizer, limits)
+        body, params = await run_in_threadpool(job, await read_body(request), ChatRequest, chat_params)
         return await _respond(request, engine, metrics, params, body, settings, arrived, chat=True)
 
     return app
