@@ -4,9 +4,10 @@ For each shape, starts two ``hetlm serve`` subprocesses on free localhost ports:
 (``serve.batching=on``, ``serve.max_concurrency=auto``) and the turn-by-turn engine as it was before
 (``serve.batching=off`` with the old default of 4 concurrent generations). Then, for 1, 8, 32 and 64 concurrent
 clients, streaming and not, each client sends completions of ``--max-tokens`` tokens one after another
-(``max(2, 32 // clients)`` each), first to the batched server, then to the turn-by-turn one, so a shared
-machine's changing load does not favour either. It prints JSON: requests/s, completion tokens/s, p50/p95
-latency and p50/p95 time to first token (the whole request when not streaming), per engine, and the ratios.
+(``min(16, max(3, 128 // clients))`` each, so most steps run with every client in the batch), first to the
+batched server, then to the turn-by-turn one, so a shared machine's changing load does not favour either. It
+prints JSON: requests/s, completion tokens/s, p50/p95 latency and p50/p95 time to first token (the whole
+request when not streaming), per engine, and the ratios.
 
 Each server runs one torch thread by default (``--threads``): the event loop needs the other core, and on a
 machine whose cores other work keeps busy, two torch threads made every step several times slower (each step
@@ -152,7 +153,7 @@ def bench_shape(target: Path, args: argparse.Namespace) -> dict:
         rows = []
         for clients in args.clients:
             for stream in (False, True):
-                requests = max(2, 32 // clients)
+                requests = min(16, max(3, 128 // clients))
                 row = {"clients": clients, "stream": stream}
                 for name, (url, _, _) in servers.items():
                     row[name] = asyncio.run(load(url, clients, requests, args.max_tokens, stream))
