@@ -12,7 +12,7 @@ import typer
 from hetlm.cli.app import app
 from hetlm.cli.loading import load_for_inference
 from hetlm.cli.options import SetOption, key_help
-from hetlm.cli.render import RichReporter
+from hetlm.cli.render import RichReporter, stderr
 from hetlm.errors import HetlmError, UsageError
 
 try:
@@ -64,9 +64,10 @@ def serve_command(
     weights = ", int8 weights" if plan.decode_weights == "int8" else ""
     engine = app_.state.engine
     how = "one batched step" if serve.batching == "on" else "stepped in turn (serve.batching=off)"
-    reporter.info(f"{name} on {plan.device} ({plan.dtype}{weights}): {engine.slots} sequences at once, {how}; "
-                  f"{serve.max_queue} requests queued at most")
-    reporter.info(f"slots: {app_.state.slots_reason}")
+    # Whole lines, however narrow the terminal: scripts read them.
+    for line in (f"{name} on {plan.device} ({plan.dtype}{weights}): {engine.slots} sequences at once, {how}; "
+                 f"{serve.max_queue} requests queued at most", f"slots: {app_.state.slots_reason}"):
+        stderr.print(line, highlight=False, markup=False, soft_wrap=True)
     run_server(app_, serve.host, serve.port, reporter)
 
 
