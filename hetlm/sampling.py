@@ -381,6 +381,9 @@ class Batch:
         # Decoder steps run, and the tokens they and the prefills sampled: tokens / steps is the mean batch.
         self.steps = 0
         self.tokens = 0
+        # Slots held by unfinished sequences (decoding, or waiting for or in a prefill); a plain int, so other
+        # threads may read it while this one changes the rows and the prefills.
+        self.held = 0
 
     @property
     def slots(self) -> int:
@@ -389,7 +392,7 @@ class Batch:
     @property
     def in_use(self) -> int:
         """Slots held: sequences decoding, and those waiting for (or in) their prefill."""
-        return len(self.rows) + sum(len(p.sequences) for p in self.prefills)
+        return self.held
 
     @property
     def free_slots(self) -> int:
@@ -406,11 +409,13 @@ class Batch:
         tokenizer = self.sampler.tokenizer
         group.samples = [_Sequence(group, i, _SampleState(tokenizer, prompt, group.settings.stop)) for i in range(n)]
         self.prefills.append(_Prefill(list(group.samples), prompt))
+        self.held += n
 
     def remove(self, group: Group) -> None:
         """Drop ``group`` whatever it is doing (a cancelled request): its slots are free for the next step."""
         self.prefills = deque(p for p in self.prefills if p.sequences[0].group is not group)
         self._leave([s for s in group.samples if s.row is not None])
+        self.held -= sum(s.state.finish_reason is None for s in group.samples)
 
     @torch.inference_mode()
     def step(self) -> list[tuple[Group, list[Chunk]]]:
@@ -472,6 +477,7 @@ class Batch:
             elif len(sequence.ids) - sequence.start > self.context:
                 sliding.append(sequence)
         self._leave(leaving + sliding)
+        self.held -= len(leaving)
         for sequence in sliding:
             # The window is full: keep its newest half, prefilled again from position 0, ahead of prompts that wait
             # (behind the one whose prefill has begun: the scratch cache holds it).

@@ -156,6 +156,7 @@ def test_batched_greedy_output_equals_each_request_alone(sampler, tokenizer, bat
         wait_for(lambda: engine.in_flight == 0, "the jobs did not leave the engine")
         assert engine.stats == {"completed": len(jobs), "cancelled": 2, "failed": 0}
         assert engine.slots_in_use == 0 and engine.batch.rows == [] and not engine.batch.prefills
+        assert engine.batch.free_slots == engine.slots == 5
         # Batched, a step samples for several sequences; turn by turn, one.
         assert (engine.batch.tokens > 2 * engine.batch.steps) == batching
     for params, events in zip(jobs, results, strict=True):

@@ -406,9 +406,10 @@ async def _respond(request: Request, engine: Engine, metrics: Metrics, params: G
     finally:
         job.cancel()
         for task in (answer, gone):
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+            if not task.done():
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
         metrics.finish(params, tracker)
 
 
