@@ -199,8 +199,11 @@ def test_connections_beyond_the_limit_are_answered_503(loaded):
         with contextlib.ExitStack() as stack:
             for _ in range(3):
                 stack.enter_context(connect(url))
-            time.sleep(0.2)  # the connections are accepted on the server's loop
-            assert httpx.get(url + "/health", timeout=TIMEOUT).status_code == 503
+            # Refused once the server's loop has taken the three idle connections in.
+            deadline = time.monotonic() + TIMEOUT
+            while httpx.get(url + "/health", timeout=TIMEOUT).status_code != 503:
+                assert time.monotonic() < deadline, "a fourth connection was served"
+                time.sleep(0.05)
         deadline = time.monotonic() + TIMEOUT
         while httpx.get(url + "/health", timeout=TIMEOUT).status_code != 200:
             assert time.monotonic() < deadline
