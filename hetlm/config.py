@@ -32,6 +32,10 @@ DTYPES = ("auto", "fp32", "bf16", "fp16")
 COMPILE_CHOICES = ("auto", "on", "off")
 QUANTIZE_CHOICES = ("none", "int8")
 OFFLOAD_CHOICES = ("auto", "off", "on")
+SWITCH_CHOICES = ("on", "off")
+# serve.max_concurrency=auto takes at most this many slots, so a machine with memory for thousands still queues
+# requests instead of stretching every step over all of them.
+MAX_AUTO_SLOTS = 64
 
 
 def setting(default: Any, help: str, choices: tuple[str, ...] = ()) -> Any:
@@ -258,14 +262,35 @@ class ServeConfig:
 
     host: str = setting("127.0.0.1", "Address to bind")
     port: int = setting(8000, "Port to listen on; 0 picks a free one")
-    max_concurrency: int = setting(4, "Generations advanced together, one token each in turn")
-    max_queue: int = setting(64, "Requests waiting for a free generation slot; more are answered 503")
+    max_concurrency: str = setting(
+        "auto", "Sequences generated at once, a KV-cache slot each (a request takes one per choice); auto takes as many "
+                f"as fit beside the weights on the inference device, at most {MAX_AUTO_SLOTS}")
+    batching: str = setting(
+        "on", "on advances every active sequence in one batched step; off steps them one at a time in turn (the earlier "
+              "engine, kept for comparison)", SWITCH_CHOICES)
+    max_queue: int = setting(64, "Requests waiting for free slots; more are answered 503")
     max_tokens_limit: int = setting(4096, "Largest max_tokens a request may ask for")
+    max_connections: int = setting(256, "Open connections at most; a request beyond them is answered 503")
+    keep_alive_timeout: float = setting(5.0, "Seconds an idle keep-alive connection stays open")
+    header_timeout: float = setting(10.0, "Seconds a connection has to send a complete request head once it is ready for one")
+
+    @property
+    def slots(self) -> int | None:
+        """max_concurrency as a number; None for auto."""
+        return None if self.max_concurrency == "auto" else int(self.max_concurrency)
 
     def validate(self) -> None:
         _check(0 <= self.port < 65536, "serve.port must be in 0..65535")
-        _check(self.max_concurrency > 0 and self.max_queue >= 0, "serve.max_concurrency must be positive")
+        text = str(self.max_concurrency).strip()
+        _check(text == "auto" or (text.isdigit() and int(text) > 0),
+               f"serve.max_concurrency must be auto or a positive integer, got {self.max_concurrency!r}")
+        self.max_concurrency = text
+        _check(self.batching in SWITCH_CHOICES, f"serve.batching must be {_either(SWITCH_CHOICES)}")
+        _check(self.max_queue >= 0, "serve.max_queue must be >= 0")
         _check(self.max_tokens_limit > 0, "serve.max_tokens_limit must be positive")
+        _check(self.max_connections > 0, "serve.max_connections must be positive")
+        _check(self.keep_alive_timeout > 0 and self.header_timeout > 0,
+               "serve.keep_alive_timeout and serve.header_timeout must be positive")
 
 
 @dataclass

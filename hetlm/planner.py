@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from hetlm.config import Config, ModelConfig, parse_duration
+from hetlm.config import MAX_AUTO_SLOTS, Config, ModelConfig, parse_duration
 from hetlm.decode import INT8_WIDTH_MULTIPLE, Decoding
 from hetlm.errors import HetlmError, UsageError
 from hetlm.model import DTYPES, flops_per_token, parameter_counts
@@ -895,12 +895,15 @@ def _device_names(inventory: Inventory) -> tuple[str, ...]:
     return (*(f"cuda:{d.index}" for d in inventory.cuda), *(("mps",) if inventory.mps else ()), "cpu")
 
 
-def _sequences(config: Config, workload: str) -> int:
+def _sequences(config: Config, inventory: Inventory, workload: str, device: str, decode_weights: str,
+               decisions: list[Decision]) -> int:
     """Sequences decoded at once: what the KV cache and the prefill buffers are sized for."""
     if workload == "eval":
         return config.eval.batch_size
     if workload == "serve":
-        return config.serve.max_concurrency
+        slots, why = serving_slots(config, inventory, device, decode_weights)
+        decisions.append(Decision("serving slots", str(slots), why))
+        return slots
     return 1
 
 
@@ -945,7 +948,9 @@ def _place_for_inference(
     """Choose the layer map for inference; returns it with memory per device, predicted rates and the head's device."""
     model = planning_model(config)
     names = _device_names(inventory)
-    sequences = _sequences(config, workload)
+    primary_kind = device.split(":")[0]
+    sequences = _sequences(config, inventory, workload, device,
+                           _choose_decode_weights(primary_kind, dtype, quantize, model)[0], decisions)
     specs, sizes = {}, {}
     for name in names:
         kind = name.split(":")[0]
@@ -1222,6 +1227,44 @@ def _cpu_peak(cpu: CpuInfo, dtype: str, threads: int) -> float:
     else:
         per_core = CPU_CORE_PEAK["avx512" if cpu.avx512 else "other"]
     return min(threads, cpu.cores) * per_core
+
+
+# --- serving slots ----------------------------------------------------------------------------------
+
+
+def serving_slots(config: Config, inventory: Inventory, device: str, decode_weights: str) -> tuple[int, str]:
+    """How many sequences ``hetlm serve`` decodes at once on ``device``, and why: serve.max_concurrency, or for auto
+    as many KV-cache slots (with their step buffers) as fit beside the weights, at most ``MAX_AUTO_SLOTS``."""
+    model = planning_model(config)
+    kind = device.split(":")[0]
+    low = 2 if decode_weights in ("bf16", "fp16") else 4
+    L, T, V = model.n_layers, model.context_length, model.vocab_size
+    kv = L * 2 * T * model.kv_heads * model.head_dim * low
+    # A step's buffers per sequence: fp32 logits and sampling's sorted copy, indices and float64 CDF; attention
+    # scores; the hidden state and the MLP's products.
+    buffers = V * (4 + 4 + 8 + 8) + 4 * model.n_heads * T + 4 * (6 * model.d_model + 3 * model.ffn_dim)
+    per_slot = kv + buffers
+    params = _parameters(model)
+    # The model's fp32 weights, the decoder's prepared copy, the prefill's scratch cache and its activations.
+    prepared = {"int8": params + 4 * V * model.d_model, "bf16": 2 * params, "fp16": 2 * params}.get(decode_weights, 4 * params)
+    fixed = 4 * params + prepared + kv + 256 * (4 * model.d_model + 3 * model.ffn_dim) * 4 + RUNTIME_OVERHEAD[kind]
+    cuda = inventory.cuda[int(device.split(":")[1])] if kind == "cuda" else None
+    available = _available_memory(inventory, kind, cuda, 1, parse_memory_caps(config.device.memory))
+    each = f"{_size(per_slot)} per slot (KV cache {_size(kv)})"
+    if config.serve.slots is not None:
+        slots = config.serve.slots
+        fits = fixed + slots * per_slot <= available
+        return slots, f"set by serve.max_concurrency; {each}" + ("" if fits else f", more than {_gib(available)} allows")
+    fit = max(0, (available - fixed) // per_slot)
+    if fit < 1:
+        return 1, f"{each}: not even one fits beside the weights in {_gib(available)} on {device}"
+    if fit >= MAX_AUTO_SLOTS:
+        return MAX_AUTO_SLOTS, f"auto: {each}; {fit} would fit in {_gib(available)} on {device}, the cap is {MAX_AUTO_SLOTS}"
+    return fit, f"auto: {each}; as many as fit beside the weights in {_gib(available)} on {device}"
+
+
+def _size(n: int) -> str:
+    return f"{n / 2**20:.1f} MiB" if n >= 2**20 else f"{n / 2**10:.0f} KiB"
 
 
 # --- memory --------------------------------------------------------------------------------------

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from hetlm.config import Config, ModelConfig
-from hetlm.decode import Decoder, Decoding, Int8Weight, int8_mm
+from hetlm.decode import Decoder, Decoding, Int8Weight, SlotCache, int8_mm
 from hetlm.errors import UsageError
 from hetlm.model import KVCache, Transformer
 from hetlm.planner import detect_inventory, load_inventory, make_plan
@@ -28,6 +28,17 @@ def greedy(max_new_tokens, **kw):
     return SamplingSettings(max_new_tokens=max_new_tokens, temperature=0, ignore_eos=True, **kw)
 
 
+def prefilled(model, rows, dtype=torch.float32):
+    """A SlotCache whose row i holds the model's keys and values of ``rows[i]``, as a batch's prefill leaves them."""
+    device = next(model.parameters()).device
+    slots = SlotCache(model.config, len(rows) + 1, device, dtype)
+    for i, ids in enumerate(rows):
+        scratch = KVCache(model.config, 1, device, dtype)
+        model(torch.tensor([ids], device=device), cache=scratch)
+        slots.load(i, scratch)
+    return slots
+
+
 @pytest.mark.parametrize("tied", [True, False])
 def test_single_token_steps_match_the_model(trained, tokenizer, tied):
     model = trained
@@ -38,13 +49,37 @@ def test_single_token_steps_match_the_model(trained, tokenizer, tied):
     decoder = Decoder(model, torch.float32)
     ids = torch.tensor([encode_prompt(tokenizer, MIXED)[:40]])
     with torch.inference_mode():
-        cache = KVCache(model.config, 1, torch.device("cpu"), torch.float32)
-        model(ids[:, :10], cache=cache)
+        cache = prefilled(model, [ids[0, :10].tolist()])
         full, _ = model(ids)
-        flat = decoder.flat_cache(cache)
         for t in range(10, 40):
-            step = decoder.step(ids[:, t], cache, flat)
+            step = decoder.step(ids[:, t], cache)
             torch.testing.assert_close(step, full[:, t], atol=1e-4, rtol=1e-4)
+        assert cache.lengths[:1] == [40]
+
+
+def test_a_batched_step_gives_each_row_its_own_sequences_logits(trained, tokenizer):
+    """Rows at different lengths, one of them over a longer sequence's leftovers: each row's logits are its own."""
+    decoder = Decoder(trained, torch.float32)
+    texts = [encode_prompt(tokenizer, t)[:24] for t in (MIXED, "import os\nimport sys\n" * 3, "x = 1\n" * 9)]
+    starts = [5, 17, 11]
+    with torch.inference_mode():
+        full = [trained(torch.tensor([t]))[0][0] for t in texts]
+        # Row 0 held a 20-token sequence that left; the last row's sequence moved in, over its leftovers.
+        cache = prefilled(trained, [texts[1][:20], texts[1][:17], texts[2][:11], texts[0][:5]])
+        cache.move(3, 0)
+        assert cache.lengths == [5, 17, 11, 0, 0]
+        for k in range(6):
+            tokens = torch.tensor([t[s + k] for t, s in zip(texts, starts, strict=True)])
+            logits = decoder.step(tokens, cache)
+            for row in range(3):
+                torch.testing.assert_close(logits[row], full[row][starts[row] + k], atol=1e-4, rtol=1e-4)
+        assert cache.lengths == [11, 23, 17, 0, 0]
+        # Rows past the first: a step of row 1 alone, as the turn-by-turn engine runs them.
+        torch.testing.assert_close(decoder.step(torch.tensor([texts[1][23]]), cache, first_row=1)[0], full[1][23],
+                                   atol=1e-4, rtol=1e-4)
+        with pytest.raises(ValueError, match="whole context"):
+            cache.lengths[0] = trained.config.context_length
+            decoder.step(torch.tensor([1, 1, 1]), cache)
 
 
 def test_int8_weights_round_to_their_nearest_step_and_the_kernel_multiplies_them():
@@ -70,11 +105,9 @@ def test_int8_steps_score_text_like_the_model(trained, tokenizer):
     ids = torch.tensor([encode_prompt(tokenizer, MIXED + "import os\nfor line in open(path):\n    print(line)\n")])
     n = min(ids.shape[1], trained.config.context_length)
     with torch.inference_mode():
-        cache = KVCache(trained.config, 1, torch.device("cpu"), torch.float32)
-        trained(ids[:, :1], cache=cache)
+        cache = prefilled(trained, [ids[0, :1].tolist()])
         full, _ = trained(ids[:, :n])
-        flat = sampler.decoder.flat_cache(cache)
-        steps = torch.stack([sampler.decoder.step(ids[:, t], cache, flat)[0] for t in range(1, n - 1)])
+        steps = torch.stack([sampler.decoder.step(ids[:, t], cache)[0] for t in range(1, n - 1)])
     targets = ids[0, 2:n]
     quantized_loss = F.cross_entropy(steps, targets)
     full_loss = F.cross_entropy(full[0, 1:n - 1], targets)
@@ -84,6 +117,23 @@ def test_int8_steps_score_text_like_the_model(trained, tokenizer):
     alone = sampler.generate(prompt, greedy(40), make_generator(0)).completions[0].token_ids
     batch = sampler.generate(prompt, greedy(40, num_samples=3), make_generator(0)).completions
     assert [c.token_ids for c in batch] == [alone] * 3
+
+
+@pytest.mark.parametrize("int8", [False, True])
+def test_batched_steps_equal_steps_alone(trained, tokenizer, int8):
+    """The same rows stepped together or one at a time (the turn-by-turn engine): float rounding apart, equal."""
+    decoder = Decoder(trained, torch.float32, int8=int8)
+    texts = [encode_prompt(tokenizer, t)[:30] for t in (MIXED, "import os\n" * 12, "def f(x):\n    return x\n" * 8)]
+    starts = [3, 12, 20]
+    with torch.inference_mode():
+        together = prefilled(trained, [t[:s] for t, s in zip(texts, starts, strict=True)])
+        apart = prefilled(trained, [t[:s] for t, s in zip(texts, starts, strict=True)])
+        for k in range(8):
+            tokens = torch.tensor([t[s + k] for t, s in zip(texts, starts, strict=True)])
+            batched = decoder.step(tokens, together)
+            alone = torch.cat([decoder.step(tokens[i : i + 1], apart, first_row=i) for i in range(3)])
+            torch.testing.assert_close(batched, alone, atol=2e-3 if int8 else 1e-5, rtol=1e-3 if int8 else 1e-5)
+            assert batched.argmax(-1).tolist() == alone.argmax(-1).tolist()
 
 
 def test_int8_refuses_widths_the_kernel_gets_wrong(tokenizer):
@@ -127,13 +177,11 @@ def test_cuda_plan_decodes_like_the_model(tiny_checkpoint, tokenizer):
     sampler = Sampler(loaded.model, tokenizer, plan)
     ids = torch.tensor([encode_prompt(tokenizer, MIXED)[:40]], device="cuda")
     with torch.inference_mode():
-        cache = KVCache(loaded.model.config, 1, torch.device("cuda"), sampler.decoding.dtype)
         with plan.autocast():
-            loaded.model(ids[:, :10], cache=cache)
+            cache = prefilled(loaded.model, [ids[0, :10].tolist()], sampler.decoding.dtype)
             full, _ = loaded.model(ids)
-        flat = sampler.decoder.flat_cache(cache)
         for t in range(10, 40):
-            step = sampler.decoder.step(ids[:, t], cache, flat)
+            step = sampler.decoder.step(ids[:, t], cache)
             torch.testing.assert_close(step, full[:, t].float(), atol=0.15, rtol=0.05)
     settings = SamplingSettings(max_new_tokens=100, temperature=0.8)
     result = sampler.generate(ids[0].tolist(), settings, make_generator(0, "cuda"))

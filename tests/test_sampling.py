@@ -13,6 +13,7 @@ from hetlm.sampling import (
     IncrementalDetokenizer,
     Sampler,
     StopStringFilter,
+    Uniforms,
     _SampleState,
     encode_prompt,
     make_generator,
@@ -80,14 +81,56 @@ def test_top_k_one_and_tiny_top_p_equal_greedy(trained, tokenizer):
 def test_top_k_and_top_p_keep_only_the_likeliest():
     logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]])).repeat(2000, 1)
     generator = make_generator(0)
-    drawn = sample_next(logits, SamplingSettings(temperature=1.0, top_k=2), generator)
-    assert set(drawn.tolist()) == {0, 1}
+
+    uniforms = Uniforms(generator)
+
+    def draw(**rule):
+        return sample_next(logits, [SamplingSettings(temperature=1.0, **rule)] * len(logits), [uniforms] * len(logits))
+
+    assert set(draw(top_k=2).tolist()) == {0, 1}
     # 0.5 alone is under 0.7, so the second token stays; 0.5 + 0.3 reaches 0.7, so the rest go.
-    drawn = sample_next(logits, SamplingSettings(temperature=1.0, top_p=0.7), generator)
+    drawn = draw(top_p=0.7)
     assert set(drawn.tolist()) == {0, 1}
     share = (drawn == 0).float().mean().item()
     assert abs(share - 0.5 / 0.8) < 0.05
-    assert set(sample_next(logits, SamplingSettings(temperature=1.0), generator).tolist()) == {0, 1, 2, 3}
+    unfiltered = draw()
+    assert set(unfiltered.tolist()) == {0, 1, 2, 3}
+    assert [abs((unfiltered == i).float().mean().item() - p) < 0.04 for i, p in enumerate((0.5, 0.3, 0.15, 0.05))] == [True] * 4
+
+
+def test_each_row_samples_by_its_own_settings_and_generator():
+    torch.manual_seed(0)
+    logits = torch.randn(4, 300) * 3
+    rules = [SamplingSettings(temperature=0), SamplingSettings(temperature=1.0, top_k=1),
+             SamplingSettings(temperature=0.9, top_p=0.5), SamplingSettings(temperature=1.2, top_k=20, top_p=0.9)]
+    together = sample_next(logits, rules, [Uniforms(make_generator(b)) for b in range(4)])
+    alone = [sample_next(logits[b : b + 1], rules[b : b + 1], [Uniforms(make_generator(b))]) for b in range(4)]
+    assert together.tolist() == torch.cat(alone).tolist()
+    assert together[:2].tolist() == logits[:2].argmax(dim=-1).tolist()
+    # A row's draw uses its generator only: the others' draws (or their absence) leave it alone.
+    assert sample_next(logits[3:], rules[3:], [Uniforms(make_generator(3))]).item() == together[3].item()
+
+
+@pytest.mark.parametrize("rule", [{"temperature": 1e-300}, {"temperature": 5e-324}, {"temperature": 1e-5},
+                                  {"temperature": 1.0, "top_p": 1e-300}, {"temperature": 1e-300, "top_p": 1e-300},
+                                  {"temperature": 1e300}])
+def test_extreme_temperatures_and_top_p_cannot_overflow(rule):
+    logits = torch.tensor([[3.0, 1.0, -2.0, 50.0, 49.9], [0.0, 0.0, 0.0, 0.0, 0.0]]) * 1000
+    settings = SamplingSettings(**rule)
+    drawn = sample_next(logits, [settings] * 2, [Uniforms(make_generator(0)), Uniforms(make_generator(1))])
+    assert 0 <= drawn.min() and drawn.max() < 5
+    if settings.temperature < 1 or settings.top_p < 1:
+        # Tiny temperatures and tiny top_p leave the likeliest token (ties: one of them).
+        assert drawn[0].item() == 3
+
+
+def test_seeds_do_not_alias():
+    def stream(seed):
+        return torch.rand(4, generator=make_generator(seed)).tolist()
+
+    seeds = [0, 1, 1 + 2**32, 1 + 2**63, -1, 2**64 - 1, 2**63 - 1, -(2**63)]
+    assert len({tuple(stream(s)) for s in seeds}) == len(seeds)
+    assert stream(12345) == stream(12345)
 
 
 def test_stop_strings_end_the_text_before_them(trained, tokenizer):
@@ -169,6 +212,9 @@ def test_batch_sampling(trained, tokenizer):
     assert texts == [c.text for c in generation.result.completions]
     assert len(set(texts)) > 1
     assert generation.result.new_tokens <= 90
+    # Sample i has its own generator, drawn from the given one: the first of three is the text of one alone.
+    one = sampler.generate(prompt, SamplingSettings(max_new_tokens=30, temperature=1.0), make_generator(1))
+    assert one.text == texts[0]
 
 
 def test_long_prompt_is_cut_from_the_left_with_a_warning(trained, tokenizer):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import gc
 import json
 import os
 import re
@@ -21,12 +22,15 @@ import openai
 import pytest
 import torch
 import uvicorn
+from prometheus_client.parser import text_string_to_metric_families
 
+from hetlm.cli.serve import resolve_api_key
 from hetlm.decode import Int8Weight
 from hetlm.deploy import deploy
 from hetlm.planner import detect_inventory, make_plan
 from hetlm.sampling_settings import SamplingError, SamplingSettings
-from hetlm.serve.app import bind_warning, create_app
+from hetlm.serve.app import bind_warning, create_app, server_config
+from hetlm.serve.engine import Job
 from hetlm.serve.protocol import MAX_CHOICES, MAX_STOP
 
 NAME = "tiny"
@@ -41,7 +45,7 @@ def running(loaded, **options):
     app = create_app(loaded, plan, model_name=NAME, **options)
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False))
+    server = uvicorn.Server(server_config(app))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     deadline = time.monotonic() + 30
@@ -306,7 +310,7 @@ def test_disconnected_stream_stops_its_generation(loaded):
             deadline = time.monotonic() + 10
             # Either the job waits for the model, cancelled, or the engine thread (scheduled late on a busy
             # machine) met it already cancelled and dropped it: both mean no step ran after the hang-up.
-            while not (engine.active and engine.active[0].cancelled) and not engine.stats["cancelled"]:
+            while not (engine.jobs and engine.jobs[0].cancelled) and not engine.stats["cancelled"]:
                 assert time.monotonic() < deadline, "the server did not notice the disconnect"
                 time.sleep(0.01)
         while engine.in_flight:
@@ -315,30 +319,137 @@ def test_disconnected_stream_stops_its_generation(loaded):
         assert engine.stats == {"completed": 0, "cancelled": 1, "failed": 0}
 
 
+def test_metrics_count_what_was_sent(loaded):
+    with running(loaded, api_key=KEY) as (url, app):
+        auth = {"Authorization": f"Bearer {KEY}"}
+        client = openai.OpenAI(base_url=url + "/v1", api_key=KEY, max_retries=0, timeout=60)
+        usages = [client.completions.create(model=NAME, prompt=f"x{i} = ", max_tokens=3 + i, temperature=0).usage
+                  for i in range(3)]
+        usages.append(client.completions.create(model=NAME, prompt=["a", "b"], n=2, max_tokens=4, seed=1).usage)
+        streamed = list(client.completions.create(model=NAME, prompt="for ", max_tokens=5, stream=True,
+                                                  stream_options={"include_usage": True}))
+        usages.append(streamed[-1].usage)
+        usages.append(client.chat.completions.create(model=NAME, messages=[{"role": "user", "content": "hi"}],
+                                                     max_tokens=3).usage)
+        for bad in ({"max_tokens": 0}, {"temperature": -1}):
+            assert httpx.post(url + "/v1/completions", json={"model": NAME, "prompt": "a", **bad}, headers=auth).status_code == 400
+        assert httpx.get(url + "/metrics").status_code == 401
+        text = httpx.get(url + "/metrics", headers=auth)
+        assert text.headers["content-type"].startswith("text/plain")
+    families = {f.name: f for f in text_string_to_metric_families(text.text)}
+
+    def value(family, sample, **labels):
+        return next(s.value for s in families[family].samples if s.name == sample and s.labels == labels)
+
+    assert value("hetlm_requests", "hetlm_requests_total", endpoint="/v1/completions", status="200") == 5
+    assert value("hetlm_requests", "hetlm_requests_total", endpoint="/v1/chat/completions", status="200") == 1
+    assert value("hetlm_requests", "hetlm_requests_total", endpoint="/v1/completions", status="400") == 2
+    assert value("hetlm_requests", "hetlm_requests_total", endpoint="/metrics", status="401") == 1
+    assert value("hetlm_prompt_tokens", "hetlm_prompt_tokens_total") == sum(u.prompt_tokens for u in usages)
+    assert value("hetlm_completion_tokens", "hetlm_completion_tokens_total") == sum(u.completion_tokens for u in usages)
+    for histogram in ("hetlm_time_to_first_token_seconds", "hetlm_request_latency_seconds"):
+        assert value(histogram, histogram + "_count") == 6
+        assert 0 < value(histogram, histogram + "_sum")
+    assert 1 <= value("hetlm_time_per_output_token_seconds", "hetlm_time_per_output_token_seconds_count") <= 6
+    assert value("hetlm_slots_active", "hetlm_slots_active") == 0 and value("hetlm_queue_depth", "hetlm_queue_depth") == 0
+    assert value("hetlm_slots", "hetlm_slots") == app.state.engine.slots
+
+
+def rss_bytes() -> int:
+    return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def test_slots_are_freed_after_many_requests_and_disconnects(loaded):
+    serve = dataclasses.replace(loaded.config.serve, max_concurrency="6", max_queue=64)
+    with running(loaded, serve=serve) as (url, app):
+        engine = app.state.engine
+        host, port = url.removeprefix("http://").split(":")
+
+        def one(i: int) -> str:
+            body = {"model": NAME, "prompt": f"v{i} = ", "max_tokens": 2 + i % 3, "temperature": 0.8, "seed": i}
+            if i % 4 == 0:  # streams, and hangs up after the first chunk
+                with httpx.stream("POST", url + "/v1/completions", json={**body, "stream": True, "max_tokens": 500},
+                                  timeout=60) as response:
+                    next(response.iter_lines())
+                return "left"
+            if i % 4 == 1:  # does not stream, and hangs up once the request is sent
+                raw = json.dumps({**body, "max_tokens": 500}).encode()
+                with socket.create_connection((host, int(port))) as sock:
+                    sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                                 b"Content-Length: %d\r\n\r\n%s" % (len(raw), raw))
+                return "left"
+            response = httpx.post(url + "/v1/completions", json=body, timeout=60)
+            return str(response.status_code)
+
+        def settle():
+            deadline = time.monotonic() + 60
+            while engine.in_flight or engine.slots_in_use:
+                assert time.monotonic() < deadline, (engine.in_flight, engine.slots_in_use)
+                time.sleep(0.02)
+
+        with ThreadPoolExecutor(12) as pool:
+            list(pool.map(one, range(40)))
+            settle()
+            gc.collect()
+            before = rss_bytes()
+            outcomes = list(pool.map(one, range(40, 240)))
+        settle()
+        gc.collect()
+        grown = rss_bytes() - before
+        assert outcomes.count("200") == 100 and outcomes.count("left") == 100, outcomes
+        stats = engine.stats
+        assert stats["failed"] == 0 and stats["completed"] >= 100 and sum(stats.values()) == 240
+        assert engine.batch.rows == [] and not engine.batch.prefills and engine.waiting == 0
+        assert not [o for o in gc.get_objects() if type(o) is Job], "jobs outlived their requests"
+        health = httpx.get(url + "/health").json()
+        assert health["in_flight"] == 0 and health["slots_in_use"] == 0
+    assert grown < 20 << 20, f"RSS grew by {grown / 2**20:.1f} MiB over 200 requests"
+
+
 def test_bind_warning():
     assert bind_warning("127.0.0.1", None) is None
     assert bind_warning("0.0.0.0", "key") is None
     assert "without an API key" in bind_warning("0.0.0.0", None)
 
 
-def test_serve_cli(tiny_checkpoint, loaded, tokenizer, tmp_path, cli):
+def test_serve_cli(tiny_checkpoint, loaded, tokenizer, tmp_path, cli, monkeypatch):
     bundle = deploy(tiny_checkpoint, tmp_path / "my-model")
     assert cli("serve", tmp_path / "nothing").code == 2
     bad_port = cli("serve", bundle, "--port", "70000")
     assert bad_port.code == 2 and "serve.port" in bad_port.err
     shape = cli("serve", bundle, "--set", "model.n_layers=3")
     assert shape.code == 2 and "only serve.*" in shape.err
-    env = {**os.environ, "HETLM_API_KEY": KEY}
-    process = subprocess.Popen([sys.executable, "-m", "hetlm", "serve", str(bundle), "--port", "0"],
+    slots = cli("serve", bundle, "--max-concurrency", "0")
+    assert slots.code == 2 and "serve.max_concurrency must be auto or a positive integer" in slots.err
+    key_file = tmp_path / "key"
+    key_file.write_text(KEY + "\n", encoding="utf-8")
+    (tmp_path / "empty").write_text("\n", encoding="utf-8")
+    for args, message in ((("--api-key", KEY, "--api-key-file", key_file), "one way"),
+                          (("--api-key-file", tmp_path / "absent"), "not found"),
+                          (("--api-key-file", tmp_path / "empty"), "is empty")):
+        refused = cli("serve", bundle, *args)
+        assert refused.code == 2 and message in refused.err, refused.err
+    # The key from the environment, when no option gives one.
+    monkeypatch.setenv("HETLM_API_KEY", "from-env")
+    assert resolve_api_key(None, None) == "from-env" and resolve_api_key("given", None) == "given"
+    assert resolve_api_key(None, key_file) == KEY
+    monkeypatch.setenv("HETLM_API_KEY", "")
+    assert resolve_api_key(None, None) is None
+    env = {k: v for k, v in os.environ.items() if k != "HETLM_API_KEY"}
+    process = subprocess.Popen([sys.executable, "-m", "hetlm", "serve", str(bundle), "--port", "0", "--api-key-file",
+                                str(key_file), "--set", "serve.max_concurrency=3"],
                                stderr=subprocess.PIPE, text=True, env=env, cwd=Path(__file__).parent.parent)
     try:
-        port = None
+        port, banner = None, []
         for line in process.stderr:
+            banner.append(line)
             match = re.search(r"http://127\.0\.0\.1:(\d+)/v1", line)
             if match:
                 port = int(match.group(1))
                 break
         assert port, "the server did not report its address"
+        assert "3 sequences at once, one batched step" in "".join(banner), banner
+        assert "slots: set by serve.max_concurrency" in "".join(banner), banner
         url = f"http://127.0.0.1:{port}"
         deadline = time.monotonic() + 30
         while True:
@@ -353,6 +464,7 @@ def test_serve_cli(tiny_checkpoint, loaded, tokenizer, tmp_path, cli):
         text = client.completions.create(model="my-model", prompt="a", max_tokens=2, temperature=0).choices[0].text
         assert text == greedy(loaded, tokenizer, "a", 2)
         assert httpx.get(url + "/v1/models").status_code == 401
+        assert httpx.get(url + "/health").json()["slots"] == 3
     finally:
         process.terminate()
         process.wait(timeout=30)

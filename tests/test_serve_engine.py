@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from hetlm.config import MAX_AUTO_SLOTS, load_config
+from hetlm.planner import load_inventory, make_plan, serving_slots
 from hetlm.sampling import Sampler, encode_prompt, make_generator
 from hetlm.sampling_settings import SamplingSettings
 from hetlm.serve.engine import Engine, EngineStopped, Event, GenerationParams, Job
@@ -24,8 +26,8 @@ def sampler(loaded, tokenizer):
 
 
 @contextlib.contextmanager
-def running(sampler, max_active=4, max_waiting=8):
-    engine = Engine(sampler, max_active, max_waiting)
+def running(sampler, max_active=4, max_waiting=8, batching=True):
+    engine = Engine(sampler, max_active, max_waiting, batching)
     engine.start()
     try:
         yield engine
@@ -70,11 +72,10 @@ def choices(params, events):
 
 
 def alone(sampler, params):
-    """What the job's choices are when the sampler runs its prompts itself, one after another on one generator."""
-    generator = make_generator(params.seed)
+    """What the job's choices are when the sampler runs each prompt by itself, with a generator seeded by the job's seed."""
     out = []
     for prompt in params.prompts:
-        result = sampler.generate(prompt, params.settings, generator)
+        result = sampler.generate(prompt, params.settings, make_generator(params.seed))
         out += [(c.text, len(c.token_ids), c.finish_reason) for c in result.completions]
     return out
 
@@ -107,13 +108,82 @@ def test_jobs_stepped_together_each_give_their_text_alone(sampler, tokenizer):
             for i in range(6)]
     with running(sampler, max_active=3, max_waiting=3) as engine:
         with engine.lock:
-            # All six are in before any step runs: three active, three waiting, stepped in turn.
+            # All six are in before any step runs: three slots taken (one job of one sample, one of two), the rest wait.
             submitted = [submit(engine, params) for params in jobs]
             assert engine.in_flight == 6
         results = [listener.until_end() for _, listener in submitted]
+        assert engine.slots_in_use == 0 and engine.waiting == 0
     for params, events in zip(jobs, results, strict=True):
         assert events[-1].kind == "done"
         assert choices(params, events) == alone(sampler, params)
+
+
+def mixed_jobs(sampler, tokenizer, context):
+    """Greedy jobs that differ in every way a batch must keep apart: prompt lengths (one filling the context, so its
+    window slides at once, and others that slide later), max tokens, stop strings, several prompts, two samples."""
+    unstopped = sampler.generate(encode_prompt(tokenizer, "for i in range("), SamplingSettings(max_new_tokens=14, temperature=0),
+                                 make_generator(0)).text
+    assert len(unstopped) > 8, unstopped
+    texts = ["def main(", "import os\nimport sys\n\n\nclass Config:\n    def __init__(self", "x", "for i in range(",
+             "中文 😀 ", "return self._" * 6]
+    jobs = []
+    for i, text in enumerate(texts):
+        prompt = encode_prompt(tokenizer, text)
+        settings = SamplingSettings(max_new_tokens=[9, 3, context + 20, 14, 1, 2 * context][i], temperature=0,
+                                    stop=(unstopped[5:7],) if i == 3 else (), num_samples=2 if i == 1 else 1)
+        jobs.append(GenerationParams([prompt], settings, seed=i))
+    full = encode_prompt(tokenizer, "import os\n" * context)[:context]
+    jobs.append(GenerationParams([full, encode_prompt(tokenizer, "while ")], SamplingSettings(max_new_tokens=12, temperature=0), 9))
+    return jobs
+
+
+@pytest.mark.parametrize("batching", [True, False])
+def test_batched_greedy_output_equals_each_request_alone(sampler, tokenizer, batching):
+    context = sampler.context_length
+    jobs = mixed_jobs(sampler, tokenizer, context)
+    forever = GenerationParams([encode_prompt(tokenizer, "y = ")], SamplingSettings(max_new_tokens=5000, ignore_eos=True), 0)
+    with running(sampler, max_active=5, max_waiting=16, batching=batching) as engine:
+        # Half the jobs, and two that will be cancelled, before the first step; the rest join while those decode.
+        with engine.lock:
+            first = [submit(engine, params) for params in jobs[:4]]
+            doomed = [submit(engine, forever) for _ in range(2)]
+        doomed[0][1].events.get(timeout=TIMEOUT)
+        later = [submit(engine, params) for params in jobs[4:]]
+        doomed[0][0].cancel()
+        results = [first[0][1].until_end()]
+        doomed[1][0].cancel()
+        results += [listener.until_end() for _, listener in first[1:] + later]
+        wait_for(lambda: engine.in_flight == 0, "the jobs did not leave the engine")
+        assert engine.stats == {"completed": len(jobs), "cancelled": 2, "failed": 0}
+        assert engine.slots_in_use == 0 and engine.batch.rows == [] and not engine.batch.prefills
+        assert engine.batch.free_slots == engine.slots == 5
+        # Batched, a step samples for several sequences; turn by turn, one.
+        assert (engine.batch.tokens > 2 * engine.batch.steps) == batching
+    for params, events in zip(jobs, results, strict=True):
+        assert events[-1].kind == "done"
+        assert choices(params, events) == alone(sampler, params), params
+    reasons = {reason for params, events in zip(jobs, results, strict=True) for _, _, reason in choices(params, events)}
+    assert {"length", "stop"} <= reasons
+    # Windows slid: the prompt that fills the context at once, and others along the way.
+    slides = [sampler.generate(p, params.settings, make_generator(0)).slides for params in jobs for p in params.prompts]
+    assert slides[-2] >= 1 and sum(s > 0 for s in slides) >= 2, slides
+
+
+def test_a_seeded_job_gives_the_same_text_among_thirty_one_others(sampler, tokenizer):
+    def job(i):
+        settings = SamplingSettings(max_new_tokens=6 + i % 5, temperature=[0.7, 1.0, 1.3][i % 3], top_k=[0, 20][i % 2],
+                                    top_p=[1.0, 0.9, 0.5][i % 3], num_samples=1 + (i % 4 == 0))
+        return GenerationParams([encode_prompt(tokenizer, f"value_{i} = ")], settings, seed=1000 + i)
+
+    probe = job(3)
+    with running(sampler, max_active=40, max_waiting=0) as engine:
+        lone = choices(probe, submit(engine, probe)[1].until_end())
+        with engine.lock:
+            crowd = [submit(engine, job(i)) for i in range(31)]
+            probe_job = submit(engine, probe)
+        among = choices(probe, probe_job[1].until_end())
+        assert all(listener.until_end()[-1].kind == "done" for _, listener in crowd)
+    assert among == lone == alone(sampler, probe)
 
 
 def test_a_full_engine_refuses_jobs_until_there_is_room(sampler, tokenizer):
@@ -201,3 +271,28 @@ def test_the_engine_needs_no_web_framework():
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
                             cwd=Path(__file__).parent.parent)
     assert result.returncode == 0 and result.stdout == "ok\n", result.stderr
+
+
+INVENTORIES = Path(__file__).parent / "inventories"
+
+
+def test_the_planner_sizes_the_slots():
+    def slots(inventory, *sets):
+        config = load_config(None, list(sets))
+        plan = make_plan(load_inventory(INVENTORIES / f"{inventory}.json"), config, workload="serve")
+        decision = next(d for d in plan.decisions if d.stage == "serving slots")
+        assert (int(decision.choice), decision.reason) == serving_slots(config, plan.inventory, plan.device,
+                                                                         plan.decode_weights)
+        return int(decision.choice), decision.reason
+
+    count, why = slots("no-gpu")
+    assert count == MAX_AUTO_SLOTS and "cap" in why
+    assert slots("no-gpu", "serve.max_concurrency=7") == (7, slots("no-gpu", "serve.max_concurrency=7")[1])
+    assert "set by serve.max_concurrency" in slots("no-gpu", "serve.max_concurrency=7")[1]
+    # A long context on an 8 GB GPU: the KV cache per slot decides, and fewer fit than the cap.
+    big = ("model.n_layers=24", "model.d_model=1024", "model.n_heads=16", "model.context_length=4096", "data.vocab_size=32000")
+    count, why = slots("one-8gb-gpu", *big)
+    assert 1 <= count < MAX_AUTO_SLOTS and "as many as fit" in why
+    # bf16 keys and values (the GPU's decode dtype) take half of fp32's room: more fit than at fp32.
+    assert slots("one-8gb-gpu", *big, "device.dtype=fp32")[0] < count
+    assert slots("one-8gb-gpu", *big, "model.n_layers=200")[0] == 1

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import dataclasses
+import os
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -11,8 +11,8 @@ import typer
 from hetlm.cli.app import app
 from hetlm.cli.loading import load_for_inference
 from hetlm.cli.options import SetOption, key_help
-from hetlm.cli.render import RichReporter
-from hetlm.errors import HetlmError
+from hetlm.cli.render import RichReporter, stderr
+from hetlm.errors import HetlmError, UsageError
 
 try:
     from hetlm.serve.app import create_app, run_server
@@ -23,6 +23,7 @@ else:
 
 # The model's shape and tokenizer come with the weights; only these sections may be overridden when serving.
 SERVE_OVERRIDABLE = ("serve", "sample", "device")
+API_KEY_ENV = "HETLM_API_KEY"
 TargetArgument = Annotated[Path, typer.Argument(help="A run folder, a checkpoint folder or a bundle.", show_default=False)]
 
 
@@ -33,10 +34,12 @@ def serve_command(
                                                 show_default=False)] = None,
     port: Annotated[Optional[int], typer.Option("--port", help=key_help("serve.port"),
                                                 show_default=False)] = None,
-    api_key: Annotated[Optional[str], typer.Option("--api-key", envvar="HETLM_API_KEY", show_envvar=True,
-                                                   help="Clients must send 'Authorization: Bearer KEY'.",
-                                                   show_default=False)] = None,
-    max_concurrency: Annotated[Optional[int], typer.Option(
+    api_key: Annotated[Optional[str], typer.Option(
+        "--api-key", help=f"Clients must send 'Authorization: Bearer KEY'. Visible to anyone who can list processes: "
+                          f"prefer ${API_KEY_ENV} or --api-key-file.", show_default=False)] = None,
+    api_key_file: Annotated[Optional[Path], typer.Option(
+        "--api-key-file", help="Read the API key from this file (its first line).", show_default=False)] = None,
+    max_concurrency: Annotated[Optional[str], typer.Option(
         "--max-concurrency", help=key_help("serve.max_concurrency"), show_default=False)] = None,
     model_name: Annotated[Optional[str], typer.Option(
         "--model-name", help="The model id clients ask for \\[default: the target folder's name].", show_default=False)] = None,
@@ -48,15 +51,39 @@ def serve_command(
     """
     if SERVE_MISSING is not None:
         raise HetlmError(f"hetlm serve needs FastAPI and uvicorn ({SERVE_MISSING}): pip install 'hetlm[serve]'")
-    loaded, config, plan = load_for_inference(target, set_, SERVE_OVERRIDABLE, "serve")
-    changes = {k: v for k, v in {"host": host, "port": port, "max_concurrency": max_concurrency}.items() if v is not None}
-    serve = dataclasses.replace(config.serve, **changes)
-    serve.validate()
+    key = resolve_api_key(api_key, api_key_file)
+    # The options are settings too, folded in before planning: the plan sizes the KV cache for the slots served.
+    options = {"host": host, "port": port, "max_concurrency": max_concurrency}
+    assignments = [*(set_ or []), *(f"serve.{k}={v}" for k, v in options.items() if v is not None)]
+    loaded, config, plan = load_for_inference(target, assignments, SERVE_OVERRIDABLE, "serve")
+    serve = config.serve
     name = model_name or Path(target).resolve().name
-    app_ = create_app(loaded, plan, serve=serve, sample=config.sample, api_key=api_key, model_name=name)
+    app_ = create_app(loaded, plan, serve=serve, sample=config.sample, api_key=key, model_name=name)
     # No progress bars here: the reporter only prints the startup lines and warnings.
     reporter = RichReporter()
     weights = ", int8 weights" if plan.decode_weights == "int8" else ""
-    reporter.info(f"{name} on {plan.device} ({plan.dtype}{weights}), {serve.max_concurrency} concurrent, "
-                  f"{serve.max_queue} queued at most")
+    engine = app_.state.engine
+    how = "one batched step" if serve.batching == "on" else "stepped in turn (serve.batching=off)"
+    # Whole lines, however narrow the terminal: scripts read them.
+    for line in (f"{name} on {plan.device} ({plan.dtype}{weights}): {engine.slots} sequences at once, {how}; "
+                 f"{serve.max_queue} requests queued at most", f"slots: {app_.state.slots_reason}"):
+        stderr.print(line, highlight=False, markup=False, soft_wrap=True)
     run_server(app_, serve.host, serve.port, reporter)
+
+
+def resolve_api_key(given: str | None, path: Path | None) -> str | None:
+    """The key from --api-key, --api-key-file or $HETLM_API_KEY, in that order; giving both options is an error."""
+    if given is not None and path is not None:
+        raise UsageError("give the API key one way: --api-key or --api-key-file")
+    if path is None:
+        return given if given is not None else os.environ.get(API_KEY_ENV) or None
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except FileNotFoundError:
+        raise UsageError(f"API key file not found: {path}") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UsageError(f"cannot read the API key file {path}: {exc}") from None
+    key = lines[0].strip() if lines else ""
+    if not key:
+        raise UsageError(f"the API key file {path} is empty")
+    return key

@@ -1,33 +1,38 @@
-"""The generation engine: one thread that owns the model and runs queued jobs.
+"""The generation engine: one thread that owns the model and runs queued jobs in one continuous batch.
 
-A job is one request's generations. The engine keeps up to ``max_active`` jobs active and advances them
-in turn, one step (one sampled token per unfinished choice) each, so model access is serialised, every
-job moves at a fair share, and a cancelled job stops at its next step. Jobs beyond the active ones wait
-in a bounded queue; past that ``submit`` refuses them, so the caller can answer "busy" instead of piling
-up work.
+A job is one request's generations: for each of its prompts, ``num_samples`` samples. The engine keeps a
+``hetlm.sampling.Batch`` of ``slots`` sequences; each prompt joins it as soon as enough slots are free (its
+samples share one prefill), and every step advances every sequence in the batch by one token in one decoder
+step. A sequence that finishes, and every sequence of a cancelled job, leaves its slot at the next step. With
+``batching=False`` the same batch steps its sequences one at a time instead (the turn-by-turn engine, kept so
+the comparison can be rerun). Jobs beyond the slots wait, first come first served; past ``capacity`` jobs in
+flight ``submit`` refuses them, so the caller can answer "busy" instead of piling up work.
 
-A job's listener, a callable given with the job, hears ``Event``s on the engine thread: one "pieces"
-event per step, then "done", or "error". No web framework here: ``hetlm.serve.app`` bridges the events
-onto its event loop.
+Sampling is per sample: prompt p of a job draws from ``make_generator(seed)`` split into one generator per
+sample, as ``Sampler.stream`` does, so a seeded request gives the same text alone, in a list of prompts, or
+beside any other requests.
+
+A job's listener, a callable given with the job, hears ``Event``s on the engine thread: one "pieces" event
+per step in which the job produced something, then "done", or "error". No web framework here:
+``hetlm.serve.app`` bridges the events onto its event loop.
 """
 
 from __future__ import annotations
 
 import threading
-from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import NamedTuple
 
 from hetlm.errors import HetlmError
-from hetlm.sampling import Sampler, make_generator
+from hetlm.sampling import Batch, Group, Sampler, make_generator, split_generator
 from hetlm.sampling_settings import SamplingSettings
 
 
 @dataclass(frozen=True)
 class GenerationParams:
-    """What one job generates: ``settings.num_samples`` choices of each prompt, the prompts one after another,
-    all drawn from one generator seeded with ``seed``. Choice ``p * num_samples + i`` is sample i of prompt p."""
+    """What one job generates: ``settings.num_samples`` choices of each prompt, each prompt sampled from a generator
+    seeded with ``seed``. Choice ``p * num_samples + i`` is sample i of prompt p."""
 
     prompts: list[list[int]]
     settings: SamplingSettings
@@ -70,11 +75,17 @@ class Job:
         self.params = params
         self.listener = listener
         self._cancelled = threading.Event()
-        self._steps: Iterator[list[Piece]] | None = None
+        # Engine-thread state: the next prompt to start, and the groups of the prompts started and not finished.
+        self._next = 0
+        self._groups: list[Group] = []
 
     @property
     def cancelled(self) -> bool:
         return self._cancelled.is_set()
+
+    @property
+    def started(self) -> bool:
+        return self._next > 0
 
     def cancel(self) -> None:
         self._cancelled.set()
@@ -88,30 +99,48 @@ class Job:
 
 
 class Engine:
-    """Owns the sampler's model; runs queued jobs on one thread, stepping up to ``max_active`` of them in turn."""
+    """Owns the sampler's model; runs queued jobs on one thread, up to ``slots`` sequences in one batch."""
 
-    def __init__(self, sampler: Sampler, max_active: int, max_waiting: int) -> None:
+    def __init__(self, sampler: Sampler, slots: int, max_waiting: int, batching: bool = True) -> None:
         self.sampler = sampler
-        self.max_active, self.capacity = max_active, max_active + max_waiting
+        self.batch = Batch(sampler, slots, batched=batching)
+        self.capacity = slots + max_waiting
         # Held while the model runs a step; anything else in this process that uses the model takes it too.
         self.lock = threading.Lock()
         self._cond = threading.Condition()
-        self._waiting: deque[Job] = deque()
-        # Only the engine thread changes it; others read copies.
-        self._active: list[Job] = []
+        # Jobs in flight, oldest first; the engine thread starts their prompts in this order.
+        self._jobs: list[Job] = []
         self._stats = {"completed": 0, "cancelled": 0, "failed": 0}
-        self._in_flight = 0
         self._stopping = False
         self._thread: threading.Thread | None = None
 
     @property
+    def slots(self) -> int:
+        return self.batch.slots
+
+    @property
+    def slots_in_use(self) -> int:
+        return self.batch.in_use
+
+    @property
     def in_flight(self) -> int:
         """Jobs submitted and not yet over: active or waiting."""
-        return self._in_flight
+        return len(self._jobs)
+
+    @property
+    def jobs(self) -> list[Job]:
+        """Jobs in flight, oldest first."""
+        return list(self._jobs)
 
     @property
     def active(self) -> list[Job]:
-        return list(self._active)
+        """Jobs with a prompt in the batch."""
+        return [job for job in list(self._jobs) if job.started]
+
+    @property
+    def waiting(self) -> int:
+        """Jobs waiting for their first slots."""
+        return sum(not job.started for job in list(self._jobs))
 
     @property
     def stats(self) -> dict[str, int]:
@@ -134,71 +163,80 @@ class Engine:
 
     def submit(self, job: Job) -> bool:
         """Queue ``job``; False when the engine is full (``capacity`` jobs in flight) or stopping."""
+        if job.params.settings.num_samples > self.slots:
+            raise ValueError(f"{job.params.settings.num_samples} samples of a prompt need as many slots, "
+                             f"the engine has {self.slots}")
         with self._cond:
-            if self._stopping or self._in_flight >= self.capacity:
+            if self._stopping or len(self._jobs) >= self.capacity:
                 return False
-            self._in_flight += 1
-            self._waiting.append(job)
+            self._jobs.append(job)
             self._cond.notify()
         return True
 
     def _run(self) -> None:
-        active = self._active
         while True:
             with self._cond:
-                while not self._stopping and not active and not self._waiting:
+                while not self._stopping and not self._jobs:
                     self._cond.wait()
                 if self._stopping:
-                    leftover = active + list(self._waiting)
-                    self._waiting.clear()
+                    leftover, self._jobs = self._jobs, []
                     break
-                while self._waiting and len(active) < self.max_active:
-                    active.append(self._waiting.popleft())
-            for job in list(active):
-                outcome = self._step(job)
-                if outcome is not None:
-                    active.remove(job)
-                    with self._cond:
-                        self._in_flight -= 1
-                        self._stats[outcome] += 1
+            self._step()
         for job in leftover:
             job._emit(Event("error", error=EngineStopped("the engine stopped before the job finished")))
 
-    def _step(self, job: Job) -> str | None:
-        """Advance ``job`` by one step; once it is over, say how: completed, cancelled or failed."""
-        if job.cancelled:
-            if job._steps is not None:
-                job._steps.close()
-            return "cancelled"
-        try:
-            with self.lock:
-                if job._steps is None:
-                    job._steps = self._generate(job.params)
-                pieces = next(job._steps)
-        except StopIteration:
-            job._emit(Event("done"))
-            return "completed"
-        except Exception as exc:  # one failed generation must not take the engine down
-            job._emit(Event("error", error=exc))
-            return "failed"
-        job._emit(Event("pieces", tuple(pieces)))
-        return None
-
-    def _generate(self, params: GenerationParams) -> Iterator[list[Piece]]:
-        """One list of pieces per step: one sampled token for each unfinished choice of the current prompt."""
-        n = params.settings.num_samples
-        generator = make_generator(params.seed, self.sampler.device)
-        for p, prompt in enumerate(params.prompts):
-            generation = self.sampler.stream(prompt, params.settings, generator)
+    def _step(self) -> None:
+        # A method of its own, so nothing of a step outlives it (the jobs it touched included).
+        with self.lock:
+            # Under the lock, so a job cancelled while a step waited for the model gets no step after it.
+            for cancelled in [job for job in self._jobs if job.cancelled]:
+                self._end(cancelled, "cancelled")
+            self._start_prompts()
             try:
-                unfinished = n
-                while unfinished:
-                    # The sampler yields one chunk per unfinished sample for each token it samples.
-                    step = []
-                    for _ in range(unfinished):
-                        chunk = next(generation)
-                        step.append(Piece(p * n + chunk.index, chunk.text, len(chunk.token_ids), chunk.finish_reason))
-                        unfinished -= chunk.finish_reason is not None
-                    yield step
-            finally:
-                generation.close()
+                output = self.batch.step() if self.batch.in_use else []
+            except Exception as exc:  # one failed step must not take the engine down
+                for job in self.active:
+                    self._end(job, "failed", Event("error", error=exc))
+                return
+        self._deliver(output)
+
+    def _start_prompts(self) -> None:
+        """Prompts join the batch in the order their jobs came, each once its samples have a slot each."""
+        for job in list(self._jobs):
+            params = job.params
+            n = params.settings.num_samples
+            while job._next < len(params.prompts):
+                if self.batch.free_slots < n:
+                    return
+                group = Group(params.prompts[job._next], params.settings,
+                              split_generator(make_generator(params.seed, self.sampler.device), n),
+                              owner=(job, job._next * n))
+                job._next += 1
+                try:
+                    self.batch.add(group)
+                except Exception as exc:
+                    self._end(job, "failed", Event("error", error=exc))
+                    break
+                job._groups.append(group)
+
+    def _deliver(self, output: list) -> None:
+        pieces: dict[Job, list[Piece]] = {}
+        for group, chunks in output:
+            job, base = group.owner
+            pieces.setdefault(job, []).extend(
+                Piece(base + c.index, c.text, len(c.token_ids), c.finish_reason) for c in chunks)
+        for job, produced in pieces.items():
+            job._emit(Event("pieces", tuple(produced)))
+            job._groups = [g for g in job._groups if not g.done]
+            if not job._groups and job._next == len(job.params.prompts) and job in self._jobs:
+                self._end(job, "completed", Event("done"))
+
+    def _end(self, job: Job, outcome: str, event: Event | None = None) -> None:
+        for group in job._groups:
+            self.batch.remove(group)
+        job._groups = []
+        with self._cond:
+            self._jobs.remove(job)
+            self._stats[outcome] += 1
+        if event is not None:
+            job._emit(event)

@@ -2,7 +2,8 @@
 
 Sampling parameters are checked by ``SamplingSettings``, as everywhere else; this module adds only the
 API's own caps (``MAX_TEMPERATURE``, ``serve.max_tokens_limit``, ``MAX_CHOICES``, ``MAX_STOP``, the seed's
-range) and the prompt's fit in the context. No I/O and no web framework: ``hetlm.serve.app`` reads the
+range, ``n`` within the server's slots) and the prompt's fit in the context, checked in characters before it is
+tokenised and in tokens after. No I/O and no web framework: ``hetlm.serve.app`` reads the
 requests and sends what this module builds.
 """
 
@@ -19,6 +20,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 
 from hetlm.chat import CHAT_ROLES, CHAT_STOP, render_chat
 from hetlm.config import SampleConfig
+from hetlm.errors import UsageError
 from hetlm.sampling import encode_prompt
 from hetlm.sampling_settings import SamplingError, SamplingSettings
 from hetlm.serve.engine import EngineStopped, GenerationParams, Piece
@@ -164,6 +166,8 @@ def _validation_message(exc: ValidationError) -> tuple[str, str | None]:
         return f"missing required parameter {where!r}", param
     if param == "prompt":
         return "prompt must be a string, a list of strings, a list of token ids or a list of such lists", param
+    if not where:
+        return f"invalid request body: {error['msg']}", param
     return f"invalid value for {where!r}: {error['msg']}", param
 
 
@@ -178,23 +182,72 @@ class RequestLimits:
     max_tokens_limit: int
     context_length: int
     vocab_size: int
+    # A text prompt longer than this has more tokens than the context (no token is longer than the tokenizer's
+    # longest piece), so it is refused before anything is tokenised.
+    max_prompt_chars: int
+    # Samples of one prompt share a prefill and run at once, a slot each.
+    max_samples: int
+
+
+def prompt_char_limit(tokenizer: Any, context_length: int) -> int:
+    """``RequestLimits.max_prompt_chars`` for ``tokenizer``: its pieces' longest text (a byte piece's name is longer
+    than the byte it stands for) times the context."""
+    return context_length * max(len(tokenizer.id_to_piece(i)) for i in range(tokenizer.vocab_size))
 
 
 def completion_params(body: CompletionRequest, tokenizer: Any, limits: RequestLimits) -> GenerationParams:
+    """The job of a completion request. Cheap checks (parameters, counts, lengths in characters) come before any
+    tokenising, so an oversized request costs next to nothing to refuse; call it off the event loop all the same."""
     _refuse_unsupported(body, {"echo": False, "logprobs": None, "suffix": None})
     if body.best_of is not None and body.best_of != body.n:
         raise invalid("best_of is not supported (leave it out or equal to n)", "best_of", "unsupported_parameter")
-    prompts = _completion_prompts(body.prompt, tokenizer, limits.vocab_size)
-    return _params(body, prompts, body.max_tokens, [], limits)
+    prompt = body.prompt
+    if isinstance(prompt, list) and not prompt:
+        raise invalid("prompt must not be an empty list", "prompt")
+    texts = [prompt] if isinstance(prompt, str) else prompt if isinstance(prompt[0], str) else None
+    tokens = None if texts is not None else [prompt] if isinstance(prompt[0], int) else prompt
+    settings, seed = _settings(body, body.max_tokens, [], limits, len(texts if texts is not None else tokens))
+    if texts is not None:
+        prompts = [_encode(tokenizer, text, limits) for text in texts]
+    else:
+        for ids in tokens:
+            if not ids:
+                raise invalid("a token prompt must not be empty", "prompt")
+            bad = next((i for i in ids if not 0 <= i < limits.vocab_size), None)
+            if bad is not None:
+                raise invalid(f"token id {bad} is outside the vocabulary (0..{limits.vocab_size - 1})", "prompt")
+            _fits(len(ids), limits)
+        prompts = [list(ids) for ids in tokens]
+    return GenerationParams(prompts, settings, seed)
 
 
 def chat_params(body: ChatRequest, tokenizer: Any, limits: RequestLimits) -> GenerationParams:
+    """The job of a chat request; like ``completion_params``, cheap checks first."""
     _refuse_unsupported(body, {"logprobs": False, "top_logprobs": None})
     if body.max_tokens is not None and body.max_completion_tokens is not None:
         raise invalid("give max_tokens or max_completion_tokens, not both", "max_tokens")
     max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
+    settings, seed = _settings(body, max_tokens, CHAT_STOP, limits, 1)
     prompt = render_chat(_chat_messages(body.messages))
-    return _params(body, [encode_prompt(tokenizer, prompt)], max_tokens, CHAT_STOP, limits)
+    return GenerationParams([_encode(tokenizer, prompt, limits, "messages")], settings, seed)
+
+
+def _encode(tokenizer: Any, text: str, limits: RequestLimits, param: str = "prompt") -> list[int]:
+    if len(text) > limits.max_prompt_chars:
+        raise invalid(f"the prompt has {len(text)} characters, more than the model's context of {limits.context_length} "
+                      f"tokens can hold (at most {limits.max_prompt_chars})", param, "context_length_exceeded")
+    try:
+        ids = encode_prompt(tokenizer, text)
+    except UsageError as exc:
+        raise invalid(str(exc), param) from None
+    _fits(len(ids), limits, param)
+    return ids
+
+
+def _fits(length: int, limits: RequestLimits, param: str = "prompt") -> None:
+    if length > limits.context_length:
+        raise invalid(f"the prompt is {length} tokens but the model's context is {limits.context_length} tokens",
+                      param, "context_length_exceeded")
 
 
 def _refuse_unsupported(body: SamplingRequest, neutral: dict[str, Any]) -> None:
@@ -204,23 +257,6 @@ def _refuse_unsupported(body: SamplingRequest, neutral: dict[str, Any]) -> None:
             raise invalid(f"{name} is not supported by this server", name, "unsupported_parameter")
     if body.logit_bias:
         raise invalid("logit_bias is not supported by this server", "logit_bias", "unsupported_parameter")
-
-
-def _completion_prompts(prompt: Any, tokenizer: Any, vocab_size: int) -> list[list[int]]:
-    if isinstance(prompt, str):
-        return [encode_prompt(tokenizer, prompt)]
-    if not prompt:
-        raise invalid("prompt must not be an empty list", "prompt")
-    if all(isinstance(p, str) for p in prompt):
-        return [encode_prompt(tokenizer, p) for p in prompt]
-    prompts = [prompt] if all(isinstance(p, int) for p in prompt) else prompt
-    for ids in prompts:
-        if not ids:
-            raise invalid("a token prompt must not be empty", "prompt")
-        bad = next((i for i in ids if not 0 <= i < vocab_size), None)
-        if bad is not None:
-            raise invalid(f"token id {bad} is outside the vocabulary (0..{vocab_size - 1})", "prompt")
-    return [list(ids) for ids in prompts]
 
 
 def _chat_messages(messages: list[ChatMessage]) -> list[dict[str, str]]:
@@ -237,8 +273,9 @@ def _chat_messages(messages: list[ChatMessage]) -> list[dict[str, str]]:
     return rendered
 
 
-def _params(body: SamplingRequest, prompts: list[list[int]], max_tokens: int | None, extra_stop: list[str],
-            limits: RequestLimits) -> GenerationParams:
+def _settings(body: SamplingRequest, max_tokens: int | None, extra_stop: list[str], limits: RequestLimits,
+              prompts: int) -> tuple[SamplingSettings, int]:
+    """The sampling settings and seed of a request with ``prompts`` prompts."""
     stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
     if len(stop) > MAX_STOP:
         raise invalid(f"stop must be a string or a list of at most {MAX_STOP} strings, got {len(stop)}", "stop")
@@ -254,18 +291,17 @@ def _params(body: SamplingRequest, prompts: list[list[int]], max_tokens: int | N
     # Only a client's max_tokens is capped: the server's own sample.max_new_tokens applies as configured.
     if max_tokens is not None and max_tokens > limits.max_tokens_limit:
         raise invalid(f"max_tokens must be at most {limits.max_tokens_limit} on this server, got {max_tokens}", "max_tokens")
-    if body.n > MAX_CHOICES:
-        raise invalid(f"n must be at most {MAX_CHOICES}, got {body.n}", "n")
-    if len(prompts) * body.n > MAX_CHOICES:
-        raise invalid(f"prompts x n must be at most {MAX_CHOICES}, got {len(prompts)} x {body.n}", "n")
+    most = min(MAX_CHOICES, limits.max_samples)
+    if body.n > most:
+        why = "" if most == MAX_CHOICES else f" (the server generates {limits.max_samples} sequences at once)"
+        raise invalid(f"n must be at most {most} here{why}, got {body.n}", "n")
+    if prompts * body.n > MAX_CHOICES:
+        param = "n" if body.n > 1 else "prompt"
+        raise invalid(f"prompts x n must be at most {MAX_CHOICES}, got {prompts} x {body.n}", param)
     seed = body.seed if body.seed is not None else secrets.randbits(63)
     if not SEED_RANGE[0] <= seed <= SEED_RANGE[1]:
         raise invalid("seed must fit in 64 bits", "seed")
-    longest = max(len(p) for p in prompts)
-    if longest > limits.context_length:
-        raise invalid(f"the prompt is {longest} tokens but the model's context is {limits.context_length} tokens",
-                      "prompt", "context_length_exceeded")
-    return GenerationParams(prompts, settings, seed)
+    return settings, seed
 
 
 # --- responses -------------------------------------------------------------------------------------
