@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -53,6 +54,23 @@ def model_differences(saved: Config, wanted: Config) -> list[str]:
     """``key: saved -> wanted`` for each model key that differs."""
     old, new = dataclasses.asdict(saved.model), dataclasses.asdict(wanted.model)
     return [f"model.{key}: {old[key]} -> {new[key]}" for key in old if old[key] != new[key]]
+
+
+def config_changes(saved: Config, wanted: Config) -> list[tuple[str, Any, Any]]:
+    """(key, saved value, wanted value) for each configuration key that differs."""
+    old, new = flat_config(saved), flat_config(wanted)
+    return [(key, old[key], new[key]) for key in new if old.get(key) != new[key]]
+
+
+def flat_config(config: Config) -> dict[str, Any]:
+    """``section.key`` (and ``name``) -> value."""
+    flat: dict[str, Any] = {}
+    for key, value in config.to_dict().items():
+        if isinstance(value, dict):
+            flat.update({f"{key}.{leaf}": v for leaf, v in value.items()})
+        else:
+            flat[key] = value
+    return flat
 
 
 def check_compatible(checkpoint: Checkpoint, config: Config, data: DataFolder, run_dir: Path) -> None:

@@ -455,9 +455,14 @@ def parse_set(assignment: str) -> tuple[str, Any]:
     return key, value
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
-    """Resolve defaults < YAML file < ``--set`` overrides into a validated Config."""
-    config = Config()
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = (),
+                base: Config | None = None) -> Config:
+    """Resolve defaults < YAML file < ``--set`` overrides into a validated Config.
+
+    With ``base`` (a run's saved config), the file and the overrides change only the keys they name, and the
+    name stays the base's.
+    """
+    config = Config() if base is None else config_from_dict(base.to_dict())
     if path is not None:
         path = Path(path)
         if not path.is_file():
@@ -466,7 +471,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
             loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
         except yaml.YAMLError as exc:
             raise ConfigError(f"{path}: invalid YAML ({str(exc).splitlines()[0]})") from None
-        config.name = path.stem
+        if base is None:
+            config.name = path.stem
         for key, value in _flatten(loaded, str(path)):
             _apply(config, key, value)
     for assignment in overrides:
