@@ -42,7 +42,7 @@ import numpy as np
 import sentencepiece as spm
 
 from hetlm import __version__
-from hetlm.config import Config, DataConfig, save_config
+from hetlm.config import TOKENIZERS, Config, DataConfig, save_config
 from hetlm.errors import HetlmError, UsageError
 from hetlm.io import FileLock, atomic_path, clean_up, disk_full_message, fsync_dir, no_space_errno, sha256_file
 from hetlm.planner import detect_inventory, make_plan
@@ -61,6 +61,7 @@ from hetlm.tokenizer import (
     BOS_ID,
     EOS_ID,
     Tokenizer,
+    check_special_ids,
     encode_batch,
     tokenizer_settings,
     train_tokenizer,
@@ -667,8 +668,8 @@ def dtype_for(vocab_size: int) -> np.dtype:
     return np.dtype("<u2") if vocab_size <= 1 << 16 else np.dtype("<u4")
 
 
-def _fingerprint(inventory: Inventory, data: DataConfig, inputs: Sequence[str]) -> str:
-    """What decides the output: the input files (path, size, mtime) and the settings."""
+def _fingerprint(inventory: Inventory, data: DataConfig, inputs: Sequence[str], tokenizer_sha256: str | None = None) -> str:
+    """What decides the output: the input files (path, size, mtime), the settings and a given tokenizer."""
     settings = {
         "format_version": DATA_FORMAT_VERSION,
         "inputs": list(inputs) or [BUILTIN_CORPUS],
@@ -680,6 +681,9 @@ def _fingerprint(inventory: Inventory, data: DataConfig, inputs: Sequence[str]) 
         "tokenizer_sample_bytes": data.tokenizer_sample_bytes,
         "seed": data.seed,
     }
+    if tokenizer_sha256 is not None:
+        # Only then: folders made before --tokenizer-from existed stay up to date.
+        settings["given_tokenizer"] = tokenizer_sha256
     return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()
 
 
@@ -708,12 +712,22 @@ def preprocess(
     force: bool = False,
     reporter: Reporter | None = None,
     parallel_min_bytes: int = PARALLEL_MIN_BYTES,
+    tokenizer: Tokenizer | None = None,
 ) -> PreprocessResult:
     """Tokenize ``inputs`` (files, folders, globs; none = python-stdlib) into a data folder.
+
+    With ``tokenizer`` (``--tokenizer-from``) the text is encoded with it and no tokenizer is trained, so the
+    folder can feed a run started from a model that uses it.
 
     Refused while another process writes the same folder; what an interrupted run left there is removed.
     """
     reporter = reporter or NullReporter()
+    if tokenizer is not None:
+        check_special_ids(tokenizer, str(tokenizer.path or "the tokenizer"))
+        # The folder's config describes the tokenizer it holds, not the one it would have trained.
+        kind = tokenizer.model_type if tokenizer.model_type in TOKENIZERS else config.data.tokenizer
+        config = dataclasses.replace(config, data=dataclasses.replace(config.data, vocab_size=tokenizer.vocab_size,
+                                                                      tokenizer=kind))
     data = config.data
     data.validate()
     inputs = [str(i) for i in inputs]
@@ -726,7 +740,7 @@ def preprocess(
         with FileLock(out_dir / LOCK, f"data folder {out_dir}"):
             if done := clean_up(out_dir, "preprocess|" + re.escape(MANIFEST)):
                 reporter.info(f"cleaned up after an interrupted preprocess: {'; '.join(done)}")
-            result = _preprocess(config, inputs, out_dir, workers, force, reporter, parallel_min_bytes)
+            result = _preprocess(config, inputs, out_dir, workers, force, reporter, parallel_min_bytes, tokenizer)
         finished = True
         return result
     finally:
@@ -739,12 +753,12 @@ def preprocess(
 
 
 def _preprocess(config: Config, inputs: list[str], out_dir: Path, workers: int, force: bool, reporter: Reporter,
-                parallel_min_bytes: int) -> PreprocessResult:
+                parallel_min_bytes: int, given: Tokenizer | None) -> PreprocessResult:
     data = config.data
     started = time.perf_counter()
 
     inventory = discover(inputs, exclude_dir=out_dir)
-    fingerprint = _fingerprint(inventory, data, inputs)
+    fingerprint = _fingerprint(inventory, data, inputs, given.sha256 if given is not None else None)
     if not force and (manifest := _up_to_date(out_dir, fingerprint)) is not None:
         reporter.info(f"{out_dir} is up to date (same inputs and settings); --force redoes it")
         return PreprocessResult(out_dir, manifest, up_to_date=True)
@@ -763,11 +777,16 @@ def _preprocess(config: Config, inputs: list[str], out_dir: Path, workers: int, 
         reporter.info(f"only {scan.documents} document(s): the last {data.val_fraction:g} of each goes to val")
 
     tokenizer_started = time.perf_counter()
-    reporter.start("tokenizer", total=min(data.tokenizer_sample_bytes, scan.train_bytes), unit="B")
     sample_bytes = _SampleCounter()
-    tokenizer = train_tokenizer(lambda: sample_bytes.count(_tokenizer_sample(scan, data, reporter)),
-                                data.vocab_size, data.tokenizer)
-    reporter.finish("tokenizer")
+    if given is None:
+        reporter.start("tokenizer", total=min(data.tokenizer_sample_bytes, scan.train_bytes), unit="B")
+        tokenizer = train_tokenizer(lambda: sample_bytes.count(_tokenizer_sample(scan, data, reporter)),
+                                    data.vocab_size, data.tokenizer)
+        reporter.finish("tokenizer")
+        origin = {"sample_bytes": sample_bytes.total, "sample_of": "train"}
+    else:
+        tokenizer = given
+        origin = {"type": tokenizer.model_type, "from": str(tokenizer.path)}
     tokenizer_s = time.perf_counter() - tokenizer_started
 
     dtype = dtype_for(tokenizer.vocab_size)
@@ -793,8 +812,7 @@ def _preprocess(config: Config, inputs: list[str], out_dir: Path, workers: int, 
             "fingerprint": fingerprint,
             "dtype": dtype.name,
             "tokenizer": {"file": TOKENIZER, "sha256": tokenizer.sha256,
-                          **tokenizer_settings(tokenizer),
-                          "sample_bytes": sample_bytes.total, "sample_of": "train"},
+                          **tokenizer_settings(tokenizer), **origin},
             "split": scan.split.describe(),
             "splits": {
                 name: {"file": split_file_name(name), "documents": totals.documents[i], "bytes": totals.bytes[i],

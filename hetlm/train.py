@@ -31,7 +31,7 @@ import torch
 import torch.distributed as tdist
 from torch.nn.parallel import DistributedDataParallel
 
-from hetlm.build import build_run, check_compatible, config_changes, default_run_dir, resolve_config
+from hetlm.build import InitSource, build_run, check_compatible, config_changes, default_run_dir, resolve_config
 from hetlm.config import Config, TrainConfig, parse_duration
 from hetlm.data import PrefetchLoader, fixed_starts, gather_windows, split_inputs_targets
 from hetlm.errors import HetlmError, UsageError
@@ -465,13 +465,14 @@ class _StopFlag:
 
 
 def train(config: Config, plan: Plan, out: Path | None = None, resume: str = "auto",
-          reporter: Reporter = NullReporter()) -> TrainResult:
+          reporter: Reporter = NullReporter(), init: InitSource | None = None) -> TrainResult:
     """Train the model of ``config`` on its data folder into the run folder ``out`` (default runs/<name>).
 
     ``plan`` is the planner's Plan for this process. ``resume`` is "auto" (continue from the newest
     complete checkpoint of the run, or start from its step-0 build), "never" (start over, removing the
     run's checkpoints) or the path of a checkpoint or run to continue from. Under torchrun each process
-    calls this; only rank 0 reports, writes checkpoints and logs, and holds the run's lock.
+    calls this; only rank 0 reports, writes checkpoints and logs, and holds the run's lock. ``init`` starts a
+    new run (or, with "never", this one over) from its weights with a fresh optimizer and schedule.
     """
     procs = _start_processes(plan.torch_device)
     deterministic = torch.are_deterministic_algorithms_enabled()
@@ -481,7 +482,7 @@ def train(config: Config, plan: Plan, out: Path | None = None, resume: str = "au
             os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
             torch.use_deterministic_algorithms(True, warn_only=True)
         with contextlib.ExitStack() as held, disk_full_errors(run_dir):
-            trainer = Trainer(config, plan, out, resume, reporter if procs.main else NullReporter(), procs, held)
+            trainer = Trainer(config, plan, out, resume, reporter if procs.main else NullReporter(), procs, held, init)
             try:
                 return trainer.run()
             finally:
@@ -496,8 +497,9 @@ class Trainer:
     """One process's training run: built whole from the run folder's checkpoint, then ``run``."""
 
     def __init__(self, config: Config, plan: Plan, out: Path | None, resume: str, reporter: Reporter,
-                 procs: Processes, held: contextlib.ExitStack) -> None:
+                 procs: Processes, held: contextlib.ExitStack, init: InitSource | None = None) -> None:
         self.plan = plan
+        self.init = init
         self.reporter = reporter
         self.procs = procs
         self.device = plan.torch_device
@@ -581,13 +583,16 @@ class Trainer:
         if self.procs.main:
             try:
                 held.enter_context(run.claim(self.reporter))
+                if self.init is not None and resume != "never" and run.checkpoints(verify=False):
+                    raise UsageError(f"run {run.path} already has checkpoints, and --init starts a new run: use a new "
+                                     "--out, or --resume never to start this one over")
                 if resume == "never" and RunDir.is_run(run.path):
                     removed = run.start_over()
                     self.reporter.warning(f"--resume never: starting {run.path} over ({removed} checkpoint(s) removed)")
                 else:
                     saved = run.saved_config()
                 if resume in ("auto", "never") and not run.checkpoints(verify=False):
-                    build_run(self.config, run.path, self.reporter, data=self.data)
+                    build_run(self.config, run.path, self.reporter, data=self.data, init=self.init)
             except Exception as exc:
                 failure = exc
         self._share_failure(failure)
@@ -705,6 +710,9 @@ class Trainer:
                else "")
             + (", AdamW state offloaded to the CPU" if self.offload is not None else "")
         )
+        if self.init is not None:
+            self.reporter.info(f"starting from the weights of {self.init.lineage['checkpoint']} "
+                               f"(sha256 {self.init.lineage['weights_sha256'][:12]}) with a fresh optimizer and schedule")
         if self.changes:
             self.reporter.info(f"changed from the run's saved config at step {state.step}: "
                                + "; ".join(f"{key} {old!r} -> {new!r}" for key, old, new in self.changes))
@@ -892,6 +900,9 @@ class Trainer:
         if not self.procs.main:
             return None
         info: dict[str, Any] = {"step": self.state.step, "tokens": self.state.tokens}
+        if lineage := self.loaded_from.manifest.get("init"):
+            # Every checkpoint says which weights the run started from: the step-0 one is pruned in time.
+            info["init"] = lineage
         if last_eval is not None:
             info.update({k: v for k, v in finite(last_eval).items() if k.startswith("val_")})
         checkpoint = Checkpoint.write(self.run_dir.checkpoint_path(self.state.step), self.model, self.config,
