@@ -77,6 +77,13 @@ def test_train_init_starts_a_new_run_from_the_weights(cli, finetune_data, tiny_c
     first = next(r for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if r["kind"] == "train")
     assert first["step"] == 5 and first["lr"] < 3e-4
 
+    # The bundle's model card names the weights the run started from.
+    deployed = cli("deploy", run, "--out", tmp_path / "bundle")
+    assert deployed.code == 0, deployed.err
+    card = (tmp_path / "bundle" / "README.md").read_text()
+    assert f"initialized_from: `{source.path.name}`" in card
+    assert f"initial_weights_sha256: `{source.manifest['files']['model.safetensors']}`" in card
+
     # An existing run is not overwritten by --init, and a rejected command writes nothing.
     before = (run / "config.yaml").read_bytes()
     one_line_error(cli("train", "--init", tiny_checkpoint, "--config", config, "--out", run), 2, "already has checkpoints")
