@@ -142,8 +142,10 @@ def train_command(
         wanted = init_config(fresh, source, DataFolder.open(fresh.data.dir))
     else:
         # Where the run lives decides what the options apply to, so the default folder's name comes first.
-        saved = RunDir(out if out is not None else default_run_dir(load_config(config, overrides))).saved_config()
-        wanted = load_config(config, overrides, base=saved)
+        target = RunDir(out if out is not None else default_run_dir(load_config(config, overrides)))
+        # A run whose checkpoints live elsewhere is refused before anything is read from them.
+        target.check_layout()
+        wanted = load_config(config, overrides, base=target.saved_config())
     resolved, plan = plan_for(wanted)
     with TrainReporter() as reporter:
         result = train(resolved, plan, out, resume, reporter, init=source)
