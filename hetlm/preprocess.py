@@ -33,7 +33,7 @@ import tempfile
 import time
 import zlib
 from collections import Counter, deque
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -299,55 +299,91 @@ def _text_document(source: Source) -> tuple[str, bytes]:
         raise _SkipFile("not UTF-8") from None
 
 
-def _jsonl_documents(source: Source, text_field: str, skipped: Counter) -> Iterator[tuple[str, bytes]]:
-    try:
-        with _open(source) as handle:
-            first = True
-            for line in handle:
-                if first:
-                    if b"\0" in line[:SNIFF_BYTES]:
-                        raise _SkipFile("binary")
-                    line = line.removeprefix(b"\xef\xbb\xbf")  # json.loads rejects a UTF-8 byte order mark
-                    first = False
-                if not line.strip():
-                    continue
-                try:
-                    record = json.loads(line)
-                except UnicodeDecodeError:
-                    skipped["JSONL record not UTF-8"] += 1
-                    continue
-                except ValueError:
-                    skipped["JSONL record not JSON"] += 1
-                    continue
-                text = record.get(text_field) if isinstance(record, dict) else None
-                if not isinstance(text, str):
-                    skipped[f"JSONL record without a {text_field!r} string"] += 1
-                    continue
-                if not text:
-                    skipped["JSONL record with empty text"] += 1
-                    continue
+def _jsonl_records(lines: Iterable[bytes], text_field: str, skipped: Counter,
+                   bad: list[tuple[int, str]] | None) -> Iterator[tuple[str, bytes]]:
+    """The texts of JSON Lines records; a skipped record is counted in ``skipped`` and, with ``bad``, listed by line."""
+    for number, line in enumerate(lines, 1):
+        if number == 1:
+            line = line.removeprefix(b"\xef\xbb\xbf")  # json.loads rejects a UTF-8 byte order mark
+        if not line.strip():
+            continue
+        reason = None
+        try:
+            record = json.loads(line)
+        except UnicodeDecodeError:
+            reason = "JSONL record not UTF-8"
+        except ValueError:
+            reason = "JSONL record not JSON"
+        else:
+            text = record.get(text_field) if isinstance(record, dict) else None
+            if not isinstance(text, str):
+                reason = f"JSONL record without a {text_field!r} string"
+            elif not text:
+                reason = "JSONL record with empty text"
+            else:
                 try:
                     raw = text.encode("utf-8")
                 except UnicodeEncodeError:  # lone surrogates from \ud800-style escapes
-                    skipped["JSONL record not UTF-8"] += 1
-                    continue
-                yield text, raw
-            if first:
+                    reason = "JSONL record not UTF-8"
+        if reason is not None:
+            skipped[reason] += 1
+            if bad is not None:
+                bad.append((number, reason))
+            continue
+        yield text, raw
+
+
+def _jsonl_documents(source: Source, text_field: str, skipped: Counter,
+                     bad: list[tuple[int, str]] | None) -> Iterator[tuple[str, bytes]]:
+    try:
+        with _open(source) as handle:
+            lines = iter(handle)
+            head = next(lines, None)
+            if head is None:
                 raise _SkipFile("empty")
+            if b"\0" in head[:SNIFF_BYTES]:
+                raise _SkipFile("binary")
+            yield from _jsonl_records(itertools.chain([head], lines), text_field, skipped, bad)
     except _READ_ERRORS as exc:
         raise _SkipFile(_read_error_reason(exc, source)) from None
 
 
-def iter_documents(source: Source, text_field: str, skipped: Counter) -> Iterator[tuple[str, bytes]]:
+def _is_json_lines(data: bytes) -> bool:
+    """Whether every non-blank line of ``data`` (two at least) is a JSON object: JSON Lines under a .json name."""
+    lines = [line for line in data.splitlines() if line.strip()]
+    if len(lines) < 2:
+        return False
+    for line in lines:
+        if not line.lstrip().startswith(b"{"):
+            return False
+        try:
+            if not isinstance(json.loads(line), dict):
+                return False
+        except ValueError:
+            return False
+    return True
+
+
+def iter_documents(source: Source, text_field: str, skipped: Counter,
+                   bad: list[tuple[int, str]] | None = None) -> Iterator[tuple[str, bytes]]:
     """(text, its UTF-8 bytes) for each document of ``source``: the whole file, or each JSONL record.
 
-    Raises _SkipFile when the file as a whole is unusable; skipped JSONL records are counted in
-    ``skipped`` and left out.
+    A ``.json`` file whose every line is a JSON object is read as JSON Lines. Raises _SkipFile when the file
+    as a whole is unusable; skipped JSONL records are counted in ``skipped`` and, with ``bad``, listed there as
+    (line number, reason).
     """
     if source.kind == "jsonl":
-        yield from _jsonl_documents(source, text_field, skipped)
+        yield from _jsonl_documents(source, text_field, skipped, bad)
+        return
+    text, data = _text_document(source)
+    if _is_json_name(source.path.name) and _is_json_lines(data):
+        yield from _jsonl_records(data.splitlines(keepends=True), text_field, skipped, bad)
     else:
-        yield _text_document(source)
+        yield text, data
+
+
+def _is_json_name(name: str) -> bool:
+    return name.lower().removesuffix(".gz").endswith(".json")
 
 
 def _unit_interval(data: bytes, key: bytes) -> float:
@@ -412,10 +448,12 @@ def _scan(inventory: Inventory, data: DataConfig, reporter: Reporter) -> Scan:
     documents = total = val_docs = val_bytes = 0
     min_u, min_count, min_bytes = 2.0, 0, 0
     reporter.start("read", total=sum(s.size for s in inventory.sources), unit="B")
+    bad_records: list[str] = []
     for source in inventory.sources:
         docs = doc_bytes = 0
+        bad: list[tuple[int, str]] = []
         try:
-            for _, raw in iter_documents(source, data.text_field, inventory.skipped):
+            for _, raw in iter_documents(source, data.text_field, inventory.skipped, bad):
                 docs += 1
                 doc_bytes += len(raw)
                 u = _unit_interval(raw, key)
@@ -432,6 +470,10 @@ def _scan(inventory: Inventory, data: DataConfig, reporter: Reporter) -> Scan:
             else:
                 # A stream broken part-way: what was read before the break is kept, in every pass.
                 inventory.skipped[skip.reason] += 1
+        for line, reason in bad:
+            bad_records.append(f"{source.path}:{line} ({reason.removeprefix('JSONL record ')})")
+            if len(inventory.skipped_files) < MAX_LISTED_SKIPS:
+                inventory.skipped_files.append({"path": str(source.path), "line": line, "reason": reason})
         if docs:
             accepted.append(source)
             info.append({"path": str(source.path), "bytes": source.size, "sha256": sha256_file(source.path),
@@ -440,6 +482,10 @@ def _scan(inventory: Inventory, data: DataConfig, reporter: Reporter) -> Scan:
             total += doc_bytes
         reporter.advance("read", source.size)
     reporter.finish("read")
+    if bad_records:
+        more = f" and {len(bad_records) - 3} more" if len(bad_records) > 3 else ""
+        reporter.warning(f"skipped {len(bad_records)} JSONL record(s): {', '.join(bad_records[:3])}{more} "
+                         "(all in manifest.json's skipped_files)")
 
     if documents == 0:
         counts = ", ".join(f"{n} {reason}" for reason, n in inventory.skipped.most_common()) or "no files"

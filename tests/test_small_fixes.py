@@ -19,3 +19,23 @@ def test_plan_takes_the_vocabulary_of_the_data_folder_and_says_when_there_is_non
     assert missing.code == 0 and "is not there" in missing.err and "vocabulary of 4096" in missing.err
     model = dataclasses.replace(model, vocab_size=4096)
     assert json.loads(missing.out)["memory"][0]["weights"] == 4 * parameter_counts(model)["total"]
+
+
+def test_json_lines_named_json_are_records_and_bad_records_have_line_numbers(cli, tmp_path):
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    records = [json.dumps({"text": f"record {i}: " + "lorem ipsum dolor sit amet " * 20}) for i in range(30)]
+    (corpus / "records.json").write_text("\n".join(records[:10]) + "\n")
+    (corpus / "more.jsonl").write_text("\n".join(records[10:20] + ["{not json", '{"title": "no text"}'] + records[20:]) + "\n")
+    # A pretty-printed JSON document stays one text document.
+    (corpus / "config.json").write_text(json.dumps({"text": "one document", "n": 1}, indent=2))
+    out = tmp_path / "data"
+    result = cli("preprocess", corpus, "--out", out, "--vocab-size", "300", "--val-fraction", "0.2")
+    assert result.code == 0, result.err
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["splits"]["train"]["documents"] + manifest["splits"]["val"]["documents"] == 31
+    more = str(corpus / "more.jsonl")
+    # Compared without whitespace: the console wraps long paths.
+    err = "".join(result.err.split())
+    assert f"{more}:11(notJSON)" in err and f"{more}:12(withouta'text'string)" in err
+    assert {"path": more, "line": 12, "reason": "JSONL record without a 'text' string"} in manifest["skipped_files"]
