@@ -626,6 +626,9 @@ def resolve(target: Path, prefer: str = "best", reporter: Reporter = NullReporte
     if not target.exists():
         raise UsageError(f"{target} does not exist")
     if (target / MANIFEST).is_file():
+        if (target / split_file_name("train")).is_file() and not (target / WEIGHTS).exists():
+            raise UsageError(f"{target} is a data folder, not a model: give a run, checkpoint or bundle (hetlm eval "
+                             "takes a data folder after --data)")
         if Checkpoint.read(target) is None:
             raise UsageError(f"{target} is an incomplete or corrupt checkpoint (its manifest does not match its files)")
         return target

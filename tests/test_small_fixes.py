@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import gzip
 import json
 
 from hetlm.config import load_config
@@ -39,3 +40,25 @@ def test_json_lines_named_json_are_records_and_bad_records_have_line_numbers(cli
     err = "".join(result.err.split())
     assert f"{more}:11(notJSON)" in err and f"{more}:12(withouta'text'string)" in err
     assert {"path": more, "line": 12, "reason": "JSONL record without a 'text' string"} in manifest["skipped_files"]
+
+
+def test_eval_scores_gzipped_text_like_the_plain_file(cli, tiny_checkpoint, tmp_path):
+    text = "def main():\n    return sorted(range(10), key=lambda x: -x)\n" * 20
+    plain, packed = tmp_path / "a.py", tmp_path / "a.py.gz"
+    plain.write_text(text)
+    packed.write_bytes(gzip.compress(text.encode()))
+    scores = []
+    for file in (plain, packed):
+        result = cli("eval", tiny_checkpoint, "--text", file, "--json")
+        assert result.code == 0, result.err
+        scores.append(json.loads(result.out))
+    assert scores[0]["bits_per_byte"] == scores[1]["bits_per_byte"] and scores[1]["bytes"] == len(text)
+    (tmp_path / "bad.gz").write_bytes(b"not gzip at all")
+    result = cli("eval", tiny_checkpoint, "--text", tmp_path / "bad.gz")
+    assert result.code == 2 and "not a readable gzip file" in result.err
+
+
+def test_eval_of_a_data_folder_says_it_is_one(cli, tiny_data):
+    result = cli("eval", tiny_data)
+    assert result.code == 2 and "Traceback" not in result.err
+    assert "is a data folder, not a model" in result.err and "corrupt" not in result.err
