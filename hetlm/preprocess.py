@@ -85,6 +85,8 @@ PARALLEL_MIN_BYTES = 4 << 20
 # In tail mode the val part starts at a line start if one lies this close after the cut.
 TAIL_LINE_SEARCH = 4096
 MAX_LISTED_SKIPS = 1000
+# Below this many validation tokens (or with one held-out document) the val loss is too noisy to trust.
+SMALL_VAL_TOKENS = 1000
 
 _BOS, _EOS = 1, 2
 
@@ -845,6 +847,10 @@ def _preprocess(config: Config, inputs: list[str], out_dir: Path, workers: int, 
         encode_s, encode_cpu_s = time.perf_counter() - encode_started, _cpu_seconds() - encode_cpu
         if totals.documents[VAL] == 0 or totals.tokens[TRAIN] == 0:
             raise UsageError("the corpus is too small to give both a train and a val split; add more text")
+        if totals.tokens[VAL] < SMALL_VAL_TOKENS or (scan.split.method == "hash" and totals.documents[VAL] == 1):
+            reporter.warning(
+                f"the validation split is small ({totals.documents[VAL]} document(s), {totals.tokens[VAL]} tokens): "
+                "its loss will be noisy and may not reflect the corpus; raise --val-fraction or add text")
 
         (work / TOKENIZER).write_bytes(tokenizer.model_proto)
         saved = dataclasses.replace(config, data=dataclasses.replace(data, dir=str(out_dir)))

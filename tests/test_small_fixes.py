@@ -62,3 +62,19 @@ def test_eval_of_a_data_folder_says_it_is_one(cli, tiny_data):
     result = cli("eval", tiny_data)
     assert result.code == 2 and "Traceback" not in result.err
     assert "is a data folder, not a model" in result.err and "corrupt" not in result.err
+
+
+def test_a_small_validation_split_is_warned_about(cli, tmp_path):
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    (corpus / "one.txt").write_text("alpha beta gamma delta\n" * 200)
+    result = cli("preprocess", corpus, "--out", tmp_path / "data", "--vocab-size", "300")
+    assert result.code == 0, result.err
+    assert "validation split is small (1 document(s)" in " ".join(result.err.split())
+    big = tmp_path / "big"
+    big.mkdir()
+    for i in range(200):
+        (big / f"{i}.txt").write_text(f"document {i} " + "lorem ipsum dolor sit amet consectetur " * 30)
+    result = cli("preprocess", big, "--out", tmp_path / "big-data", "--vocab-size", "300", "--val-fraction", "0.1")
+    assert result.code == 0, result.err
+    assert "validation split is small" not in " ".join(result.err.split())
