@@ -14,6 +14,7 @@ also lets a run remove what an interrupted one left there.
 from __future__ import annotations
 
 import dataclasses
+import fnmatch
 import glob
 import gzip
 import hashlib
@@ -132,8 +133,10 @@ class _Discovery:
     """Collects regular files from paths, folders and globs; each real file once, no link loops."""
 
     def __init__(self, exclude_dir: Path | None, suffixes: tuple[str, ...] | None = None,
-                 excluded_dirs: frozenset[str] = frozenset()) -> None:
+                 excluded_dirs: frozenset[str] = frozenset(), include: Sequence[str] = (),
+                 exclude: Sequence[str] = ()) -> None:
         self.inventory = Inventory()
+        self.include, self.exclude = tuple(include), tuple(exclude)
         # (device, inode) -> the path it was first read under.
         self.seen_files: dict[tuple[int, int], str] = {}
         self.seen_dirs: set[tuple[int, int]] = set()
@@ -193,7 +196,17 @@ class _Discovery:
             # Reversed so the stack pops folders in sorted order.
             stack.extend(reversed(subfolders))
 
+    def _filtered_out(self, path: Path) -> bool:
+        def matches(patterns: tuple[str, ...]) -> bool:
+            return any(fnmatch.fnmatch(path.name, p) or fnmatch.fnmatch(path.as_posix(), p) for p in patterns)
+
+        return (bool(self.include) and not matches(self.include)) or matches(self.exclude)
+
     def add_file(self, path: Path) -> None:
+        if self._filtered_out(path):
+            # Counted, not listed: a filter may leave out most of a tree.
+            self.inventory.skipped["left out by --include/--exclude"] += 1
+            return
         try:
             st = path.stat()
         except FileNotFoundError:
@@ -221,13 +234,18 @@ def stdlib_root() -> Path:
     return Path(sysconfig.get_paths()["stdlib"])
 
 
-def discover(inputs: Sequence[str], exclude_dir: Path | None = None) -> Inventory:
-    """Every input file, in a stable order; no inputs means the built-in ``python-stdlib`` corpus."""
+def discover(inputs: Sequence[str], exclude_dir: Path | None = None, include: Sequence[str] = (),
+             exclude: Sequence[str] = ()) -> Inventory:
+    """Every input file, in a stable order; no inputs means the built-in ``python-stdlib`` corpus.
+
+    With ``include`` only files matching one of those globs are taken, and files matching an ``exclude`` glob
+    never are; a glob matches a file's name or its whole path (``*`` crosses folders there).
+    """
     if not inputs:
-        finder = _Discovery(exclude_dir, STDLIB_SUFFIXES, STDLIB_EXCLUDED_DIRS)
+        finder = _Discovery(exclude_dir, STDLIB_SUFFIXES, STDLIB_EXCLUDED_DIRS, include, exclude)
         finder.walk(stdlib_root())
         return finder.inventory
-    finder = _Discovery(exclude_dir)
+    finder = _Discovery(exclude_dir, include=include, exclude=exclude)
     for raw in inputs:
         finder.add_input(str(raw))
     return finder.inventory
@@ -761,11 +779,14 @@ def preprocess(
     reporter: Reporter | None = None,
     parallel_min_bytes: int = PARALLEL_MIN_BYTES,
     tokenizer: Tokenizer | None = None,
+    include: Sequence[str] = (),
+    exclude: Sequence[str] = (),
 ) -> PreprocessResult:
     """Tokenize ``inputs`` (files, folders, globs; none = python-stdlib) into a data folder.
 
     With ``tokenizer`` (``--tokenizer-from``) the text is encoded with it and no tokenizer is trained, so the
-    folder can feed a run started from a model that uses it.
+    folder can feed a run started from a model that uses it. ``include``/``exclude`` filter the files found
+    (see ``discover``).
 
     Refused while another process writes the same folder; what an interrupted run left there is removed.
     """
@@ -788,7 +809,8 @@ def preprocess(
         with FileLock(out_dir / LOCK, f"data folder {out_dir}"):
             if done := clean_up(out_dir, "preprocess|" + re.escape(MANIFEST)):
                 reporter.info(f"cleaned up after an interrupted preprocess: {'; '.join(done)}")
-            result = _preprocess(config, inputs, out_dir, workers, force, reporter, parallel_min_bytes, tokenizer)
+            result = _preprocess(config, inputs, out_dir, workers, force, reporter, parallel_min_bytes, tokenizer,
+                                 include, exclude)
         finished = True
         return result
     finally:
@@ -801,11 +823,12 @@ def preprocess(
 
 
 def _preprocess(config: Config, inputs: list[str], out_dir: Path, workers: int, force: bool, reporter: Reporter,
-                parallel_min_bytes: int, given: Tokenizer | None) -> PreprocessResult:
+                parallel_min_bytes: int, given: Tokenizer | None, include: Sequence[str],
+                exclude: Sequence[str]) -> PreprocessResult:
     data = config.data
     started = time.perf_counter()
 
-    inventory = discover(inputs, exclude_dir=out_dir)
+    inventory = discover(inputs, exclude_dir=out_dir, include=include, exclude=exclude)
     fingerprint = _fingerprint(inventory, data, inputs, given.sha256 if given is not None else None)
     if not force and (manifest := _up_to_date(out_dir, fingerprint)) is not None:
         reporter.info(f"{out_dir} is up to date (same inputs and settings); --force redoes it")

@@ -78,3 +78,22 @@ def test_a_small_validation_split_is_warned_about(cli, tmp_path):
     result = cli("preprocess", big, "--out", tmp_path / "big-data", "--vocab-size", "300", "--val-fraction", "0.1")
     assert result.code == 0, result.err
     assert "validation split is small" not in " ".join(result.err.split())
+
+
+def test_include_and_exclude_globs_choose_the_files(cli, tmp_path):
+    corpus = tmp_path / "corpus"
+    (corpus / "docs").mkdir(parents=True)
+    (corpus / "tests").mkdir()
+    for i in range(12):
+        (corpus / "docs" / f"{i}.md").write_text(f"# note {i}\n" + "words about rivers and stones " * 40)
+        (corpus / "docs" / f"{i}.log").write_text("DEBUG noise\n" * 50)
+    (corpus / "tests" / "skip.md").write_text("should not be read " * 40)
+    out = tmp_path / "data"
+    result = cli("preprocess", corpus, "--out", out, "--vocab-size", "300", "--include", "*.md", "--exclude", "*/tests/*")
+    assert result.code == 0, result.err
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert sorted(s["path"] for s in manifest["sources"]) == sorted(str(corpus / "docs" / f"{i}.md") for i in range(12))
+    assert manifest["skipped"] == {"left out by --include/--exclude": 13}
+    none = cli("preprocess", corpus, "--out", tmp_path / "none", "--include", "*.rst")
+    assert none.code == 2 and "no input files found (25 left out by --include/--exclude)" in none.err
+    assert not (tmp_path / "none").exists()

@@ -57,6 +57,16 @@ def preprocess_cmd(
         typer.Option("--tokenizer-from", help="Encode with the tokenizer of this run, checkpoint, bundle, data folder or "
                      "Hugging Face Llama folder instead of training one (to fine-tune that model).", show_default=False),
     ] = None,
+    include: Annotated[
+        Optional[list[str]],
+        typer.Option("--include", help="Only take files whose name or path matches this glob (repeatable), e.g. '*.md'.",
+                     show_default=False),
+    ] = None,
+    exclude: Annotated[
+        Optional[list[str]],
+        typer.Option("--exclude", help="Leave out files whose name or path matches this glob (repeatable), e.g. "
+                     "'*/tests/*'.", show_default=False),
+    ] = None,
     force: Annotated[bool, typer.Option("--force", "-f", help="Redo the work even if the folder is up to date.")] = False,
     config: ConfigOption = None,
     set_: SetOption = None,
@@ -76,7 +86,8 @@ def preprocess_cmd(
     with RichReporter(stderr) as reporter:
         plan = make_plan(detect_inventory(), resolved, workload="preprocess")
         result = preprocess(resolved, inputs or [], out, workers=plan.preprocess_workers,
-                            force=force, reporter=reporter, tokenizer=given)
+                            force=force, reporter=reporter, tokenizer=given, include=include or (),
+                            exclude=exclude or ())
     stderr.print(summary_table(result.manifest))
     if line := characters_line(result.manifest):
         stderr.print(line, highlight=False, markup=False)
