@@ -145,6 +145,11 @@ class TrainConfig:
     keep_last: int = setting(2, "Newest checkpoints kept; the best by validation loss is kept as well")
     max_bad_steps: int = setting(5, "Consecutive non-finite losses tolerated before the run stops")
     deterministic: bool = setting(False, "Use torch's deterministic algorithms, so a resumed CPU run is bit-identical")
+    sample_every: int = setting(
+        0, "Steps between greedy continuations of sample_prompt, printed and written to metrics.jsonl (kind sample); "
+           "0 = off. They draw no random numbers, so training is unchanged")
+    sample_prompt: str = setting("The", "What the samples continue")
+    sample_tokens: int = setting(32, "Tokens a sample generates at most (it stops at </s>)")
     activation_checkpointing: str = setting(
         "auto", "Recompute blocks' activations in backward instead of keeping them: none, all, N (every N-th block), or "
                 "auto: the least recomputation that lets the micro-batch fit")
@@ -169,6 +174,8 @@ class TrainConfig:
         _check(self.weight_decay >= 0, "train.weight_decay must be >= 0")
         _check(0 <= self.beta1 < 1 and 0 <= self.beta2 < 1, "train.beta1 and train.beta2 must be in [0, 1)")
         _check(self.grad_clip >= 0, "train.grad_clip must be >= 0 (0 disables clipping)")
+        _check(self.sample_every >= 0, "train.sample_every must be >= 0 (0 = no samples)")
+        _check(self.sample_tokens > 0, "train.sample_tokens must be positive")
         if self.max_time:
             parse_duration(self.max_time, "train.max_time")
 

@@ -799,6 +799,10 @@ class Trainer:
                 evaluated_at = state.step
                 records.write(last_eval)
                 self.reporter.metrics("eval", last_eval)
+            if procs.main and tc.sample_every and state.step % tc.sample_every == 0:
+                sample = self._sample()
+                records.write(sample)
+                self.reporter.info(f"sample at step {state.step}: {sample['prompt']}{sample['text']}")
             if want_checkpoint and checkpointed_at != state.step:
                 if state.step % tc.log_every:
                     self._sync_counters(keep=True)
@@ -894,6 +898,27 @@ class Trainer:
         if math.isfinite(loss) and (self.state.best is None or loss < self.state.best[0]):
             self.state.best = (loss, step)
         return record
+
+    @torch.no_grad()
+    def _sample(self) -> dict[str, Any]:
+        """A greedy continuation of train.sample_prompt: argmax only, so no random number is drawn."""
+        tc, T = self.train_cfg, self.config.model.context_length
+        tokenizer = Tokenizer.load(self.data.tokenizer_path)
+        ids = [tokenizer.bos_id, *tokenizer.encode(tc.sample_prompt)]
+        new: list[int] = []
+        was_training = self.model.training
+        self.model.eval()
+        for _ in range(tc.sample_tokens):
+            window = torch.tensor([ids[-T:]], device=self.device)
+            with self.plan.autocast():
+                logits, _ = self.model(window, last_only=True)
+            token = int(logits[0, -1].argmax())
+            if token == tokenizer.eos_id:
+                break
+            ids.append(token)
+            new.append(token)
+        self.model.train(was_training)
+        return {"kind": "sample", "step": self.state.step, "prompt": tc.sample_prompt, "text": tokenizer.decode(new)}
 
     def _save(self, last_eval: dict | None) -> Path | None:
         state = self.state_dict()

@@ -142,3 +142,21 @@ def test_a_rejected_resume_never_removes_nothing(cli, tiny_data, tmp_path):
     one_line_error(result, 2, f"fewer than model.context_length + 1 = {tokens + 2}")
     assert sorted(p.relative_to(run) for p in run.rglob("*")) == before
     assert (run / "config.yaml").read_bytes() == config_before
+
+
+def test_samples_during_training_are_logged_and_change_nothing(cli, tiny_data, tmp_path):
+    plain = write_config(tmp_path, tiny_data, name="plain", model={"dropout": 0.1},
+                         train={"max_steps": 10, "deterministic": True})
+    sampled = write_config(tmp_path, tiny_data, name="sampled", model={"dropout": 0.1},
+                           train={"max_steps": 10, "deterministic": True, "sample_every": 5, "sample_prompt": "def ",
+                                  "sample_tokens": 6})
+    assert cli("train", "--config", plain, "--out", tmp_path / "a").code == 0
+    result = cli("train", "--config", sampled, "--out", tmp_path / "b")
+    assert result.code == 0, result.err
+    samples = metrics(tmp_path / "b", "sample")
+    assert [s["step"] for s in samples] == [5, 10] and all(s["prompt"] == "def " for s in samples)
+    assert all(isinstance(s["text"], str) for s in samples) and "sample at step 5: def " in result.err
+    assert metrics(tmp_path / "a", "sample") == []
+    # Greedy and in eval mode: no random number is drawn, so the weights are those of the run without samples.
+    final = "checkpoints/step-000010/model.safetensors"
+    assert (tmp_path / "a" / final).read_bytes() == (tmp_path / "b" / final).read_bytes()
