@@ -1,11 +1,12 @@
 """``hetlm train``: the training loop, its checkpoints, and resuming them bit for bit.
 
 Everything a step depends on is either in the weights or in ``trainer.pt``: optimizer moments and a
-``TrainState`` (the step counter and the schedule length fitted to train.max_time, of which the learning
-rate is a pure function; the gradient scaler; the Python, numpy, torch and CUDA RNG states (dropout)
-and the data generator of every rank). Checkpoints are taken only between optimizer steps, so no
-gradient-accumulation state is ever half done, and evaluation draws no random numbers. A run killed at
-any moment and resumed from its newest complete checkpoint therefore replays exactly the steps it lost.
+``TrainState`` (the step counter, the schedule length fitted to train.max_time and the segments of a
+re-planned schedule, of which with the config the learning rate is a pure function; the gradient scaler;
+the Python, numpy, torch and CUDA RNG states (dropout) and the data generator of every rank). Checkpoints
+are taken only between optimizer steps, so no gradient-accumulation state is ever half done, and
+evaluation draws no random numbers. A run killed at any moment and resumed from its newest complete
+checkpoint therefore replays exactly the steps it lost.
 
 The step avoids host synchronisation: losses and bad-step counters accumulate on the device and
 are read once per log interval; a non-finite loss or gradient skips the update inside the fused
