@@ -149,6 +149,11 @@ class TrainConfig:
     keep_last: int = setting(2, "Newest checkpoints kept; the best by validation loss is kept as well")
     max_bad_steps: int = setting(5, "Consecutive non-finite losses tolerated before the run stops")
     deterministic: bool = setting(False, "Use torch's deterministic algorithms, so a resumed CPU run is bit-identical")
+    sample_every: int = setting(
+        0, "Steps between greedy continuations of sample_prompt, printed and written to metrics.jsonl (kind sample); "
+           "0 = off. They draw no random numbers, so training is unchanged")
+    sample_prompt: str = setting("The", "What the samples continue")
+    sample_tokens: int = setting(32, "Tokens a sample generates at most (it stops at </s>)")
     activation_checkpointing: str = setting(
         "auto", "Recompute blocks' activations in backward instead of keeping them: none, all, N (every N-th block), or "
                 "auto: the least recomputation that lets the micro-batch fit")
@@ -179,6 +184,8 @@ class TrainConfig:
         _check(self.weight_decay >= 0, "train.weight_decay must be >= 0")
         _check(0 <= self.beta1 < 1 and 0 <= self.beta2 < 1, "train.beta1 and train.beta2 must be in [0, 1)")
         _check(self.grad_clip >= 0, "train.grad_clip must be >= 0 (0 disables clipping)")
+        _check(self.sample_every >= 0, "train.sample_every must be >= 0 (0 = no samples)")
+        _check(self.sample_tokens > 0, "train.sample_tokens must be positive")
         if self.max_time:
             parse_duration(self.max_time, "train.max_time")
 
@@ -493,9 +500,14 @@ def parse_set(assignment: str) -> tuple[str, Any]:
     return key, value
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
-    """Resolve defaults < YAML file < ``--set`` overrides into a validated Config."""
-    config = Config()
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = (),
+                base: Config | None = None) -> Config:
+    """Resolve defaults < YAML file < ``--set`` overrides into a validated Config.
+
+    With ``base`` (a run's saved config), the file and the overrides change only the keys they name, and the
+    name stays the base's.
+    """
+    config = Config() if base is None else config_from_dict(base.to_dict())
     if path is not None:
         path = Path(path)
         if not path.is_file():
@@ -504,7 +516,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
             loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
         except yaml.YAMLError as exc:
             raise ConfigError(f"{path}: invalid YAML ({str(exc).splitlines()[0]})") from None
-        config.name = path.stem
+        if base is None:
+            config.name = path.stem
         for key, value in _flatten(loaded, str(path)):
             _apply(config, key, value)
     for assignment in overrides:

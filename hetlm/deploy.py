@@ -150,6 +150,11 @@ def _source_info(loaded: LoadedModel) -> dict[str, Any]:
     info = {k: v for k, v in manifest.items()
             if k not in ("files", "format_version", "kind") and isinstance(v, (int, float, str, bool))}
     run = path.parent.parent if path.parent.name == "checkpoints" else None
+    lineage = manifest.get("init")
+    if isinstance(lineage, dict):
+        # A fine-tuned run: the weights it started from (train --init).
+        info["initialized_from"] = Path(str(lineage.get("checkpoint", ""))).name
+        info["initial_weights_sha256"] = lineage.get("weights_sha256")
     return {"checkpoint": str(path), "run": str(run) if run else None, **info}
 
 

@@ -15,8 +15,10 @@ different tokenizers compare on the same text.
 from __future__ import annotations
 
 import contextlib
+import gzip
 import math
 import time
+import zlib
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -164,6 +166,12 @@ def text_tokens(tokenizer: Tokenizer, files: Sequence[str | Path]) -> tuple[np.n
         if not path.is_file():
             raise UsageError(f"text file not found: {path}")
         raw = path.read_bytes()
+        if path.name.lower().endswith(".gz"):
+            # The text's own bytes count for bits per byte, not the compressed file's.
+            try:
+                raw = gzip.decompress(raw)
+            except (OSError, EOFError, zlib.error) as exc:
+                raise UsageError(f"{path} is not a readable gzip file ({exc})") from None
         try:
             text = raw.decode("utf-8")
         except UnicodeDecodeError as exc:

@@ -14,6 +14,7 @@ also lets a run remove what an interrupted one left there.
 from __future__ import annotations
 
 import dataclasses
+import fnmatch
 import glob
 import gzip
 import hashlib
@@ -33,7 +34,7 @@ import tempfile
 import time
 import zlib
 from collections import Counter, deque
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -42,7 +43,7 @@ import numpy as np
 import sentencepiece as spm
 
 from hetlm import __version__
-from hetlm.config import Config, DataConfig, save_config
+from hetlm.config import TOKENIZERS, Config, DataConfig, save_config
 from hetlm.errors import HetlmError, UsageError
 from hetlm.io import FileLock, atomic_path, clean_up, disk_full_message, fsync_dir, no_space_errno, sha256_file
 from hetlm.planner import detect_inventory, make_plan
@@ -61,6 +62,7 @@ from hetlm.tokenizer import (
     BOS_ID,
     EOS_ID,
     Tokenizer,
+    check_special_ids,
     encode_batch,
     tokenizer_settings,
     train_tokenizer,
@@ -84,6 +86,8 @@ PARALLEL_MIN_BYTES = 4 << 20
 # In tail mode the val part starts at a line start if one lies this close after the cut.
 TAIL_LINE_SEARCH = 4096
 MAX_LISTED_SKIPS = 1000
+# Below this many validation tokens (or with one held-out document) the val loss is too noisy to trust.
+SMALL_VAL_TOKENS = 1000
 
 _BOS, _EOS = 1, 2
 
@@ -129,8 +133,10 @@ class _Discovery:
     """Collects regular files from paths, folders and globs; each real file once, no link loops."""
 
     def __init__(self, exclude_dir: Path | None, suffixes: tuple[str, ...] | None = None,
-                 excluded_dirs: frozenset[str] = frozenset()) -> None:
+                 excluded_dirs: frozenset[str] = frozenset(), include: Sequence[str] = (),
+                 exclude: Sequence[str] = ()) -> None:
         self.inventory = Inventory()
+        self.include, self.exclude = tuple(include), tuple(exclude)
         # (device, inode) -> the path it was first read under.
         self.seen_files: dict[tuple[int, int], str] = {}
         self.seen_dirs: set[tuple[int, int]] = set()
@@ -190,7 +196,17 @@ class _Discovery:
             # Reversed so the stack pops folders in sorted order.
             stack.extend(reversed(subfolders))
 
+    def _filtered_out(self, path: Path) -> bool:
+        def matches(patterns: tuple[str, ...]) -> bool:
+            return any(fnmatch.fnmatch(path.name, p) or fnmatch.fnmatch(path.as_posix(), p) for p in patterns)
+
+        return (bool(self.include) and not matches(self.include)) or matches(self.exclude)
+
     def add_file(self, path: Path) -> None:
+        if self._filtered_out(path):
+            # Counted, not listed: a filter may leave out most of a tree.
+            self.inventory.skipped["left out by --include/--exclude"] += 1
+            return
         try:
             st = path.stat()
         except FileNotFoundError:
@@ -218,13 +234,18 @@ def stdlib_root() -> Path:
     return Path(sysconfig.get_paths()["stdlib"])
 
 
-def discover(inputs: Sequence[str], exclude_dir: Path | None = None) -> Inventory:
-    """Every input file, in a stable order; no inputs means the built-in ``python-stdlib`` corpus."""
+def discover(inputs: Sequence[str], exclude_dir: Path | None = None, include: Sequence[str] = (),
+             exclude: Sequence[str] = ()) -> Inventory:
+    """Every input file, in a stable order; no inputs means the built-in ``python-stdlib`` corpus.
+
+    With ``include`` only files matching one of those globs are taken, and files matching an ``exclude`` glob
+    never are; a glob matches a file's name or its whole path (``*`` crosses folders there).
+    """
     if not inputs:
-        finder = _Discovery(exclude_dir, STDLIB_SUFFIXES, STDLIB_EXCLUDED_DIRS)
+        finder = _Discovery(exclude_dir, STDLIB_SUFFIXES, STDLIB_EXCLUDED_DIRS, include, exclude)
         finder.walk(stdlib_root())
         return finder.inventory
-    finder = _Discovery(exclude_dir)
+    finder = _Discovery(exclude_dir, include=include, exclude=exclude)
     for raw in inputs:
         finder.add_input(str(raw))
     return finder.inventory
@@ -298,55 +319,91 @@ def _text_document(source: Source) -> tuple[str, bytes]:
         raise _SkipFile("not UTF-8") from None
 
 
-def _jsonl_documents(source: Source, text_field: str, skipped: Counter) -> Iterator[tuple[str, bytes]]:
-    try:
-        with _open(source) as handle:
-            first = True
-            for line in handle:
-                if first:
-                    if b"\0" in line[:SNIFF_BYTES]:
-                        raise _SkipFile("binary")
-                    line = line.removeprefix(b"\xef\xbb\xbf")  # json.loads rejects a UTF-8 byte order mark
-                    first = False
-                if not line.strip():
-                    continue
-                try:
-                    record = json.loads(line)
-                except UnicodeDecodeError:
-                    skipped["JSONL record not UTF-8"] += 1
-                    continue
-                except ValueError:
-                    skipped["JSONL record not JSON"] += 1
-                    continue
-                text = record.get(text_field) if isinstance(record, dict) else None
-                if not isinstance(text, str):
-                    skipped[f"JSONL record without a {text_field!r} string"] += 1
-                    continue
-                if not text:
-                    skipped["JSONL record with empty text"] += 1
-                    continue
+def _jsonl_records(lines: Iterable[bytes], text_field: str, skipped: Counter,
+                   bad: list[tuple[int, str]] | None) -> Iterator[tuple[str, bytes]]:
+    """The texts of JSON Lines records; a skipped record is counted in ``skipped`` and, with ``bad``, listed by line."""
+    for number, line in enumerate(lines, 1):
+        if number == 1:
+            line = line.removeprefix(b"\xef\xbb\xbf")  # json.loads rejects a UTF-8 byte order mark
+        if not line.strip():
+            continue
+        reason = None
+        try:
+            record = json.loads(line)
+        except UnicodeDecodeError:
+            reason = "JSONL record not UTF-8"
+        except ValueError:
+            reason = "JSONL record not JSON"
+        else:
+            text = record.get(text_field) if isinstance(record, dict) else None
+            if not isinstance(text, str):
+                reason = f"JSONL record without a {text_field!r} string"
+            elif not text:
+                reason = "JSONL record with empty text"
+            else:
                 try:
                     raw = text.encode("utf-8")
                 except UnicodeEncodeError:  # lone surrogates from \ud800-style escapes
-                    skipped["JSONL record not UTF-8"] += 1
-                    continue
-                yield text, raw
-            if first:
+                    reason = "JSONL record not UTF-8"
+        if reason is not None:
+            skipped[reason] += 1
+            if bad is not None:
+                bad.append((number, reason))
+            continue
+        yield text, raw
+
+
+def _jsonl_documents(source: Source, text_field: str, skipped: Counter,
+                     bad: list[tuple[int, str]] | None) -> Iterator[tuple[str, bytes]]:
+    try:
+        with _open(source) as handle:
+            lines = iter(handle)
+            head = next(lines, None)
+            if head is None:
                 raise _SkipFile("empty")
+            if b"\0" in head[:SNIFF_BYTES]:
+                raise _SkipFile("binary")
+            yield from _jsonl_records(itertools.chain([head], lines), text_field, skipped, bad)
     except _READ_ERRORS as exc:
         raise _SkipFile(_read_error_reason(exc, source)) from None
 
 
-def iter_documents(source: Source, text_field: str, skipped: Counter) -> Iterator[tuple[str, bytes]]:
+def _is_json_lines(data: bytes) -> bool:
+    """Whether every non-blank line of ``data`` (two at least) is a JSON object: JSON Lines under a .json name."""
+    lines = [line for line in data.splitlines() if line.strip()]
+    if len(lines) < 2:
+        return False
+    for line in lines:
+        if not line.lstrip().startswith(b"{"):
+            return False
+        try:
+            if not isinstance(json.loads(line), dict):
+                return False
+        except ValueError:
+            return False
+    return True
+
+
+def iter_documents(source: Source, text_field: str, skipped: Counter,
+                   bad: list[tuple[int, str]] | None = None) -> Iterator[tuple[str, bytes]]:
     """(text, its UTF-8 bytes) for each document of ``source``: the whole file, or each JSONL record.
 
-    Raises _SkipFile when the file as a whole is unusable; skipped JSONL records are counted in
-    ``skipped`` and left out.
+    A ``.json`` file whose every line is a JSON object is read as JSON Lines. Raises _SkipFile when the file
+    as a whole is unusable; skipped JSONL records are counted in ``skipped`` and, with ``bad``, listed there as
+    (line number, reason).
     """
     if source.kind == "jsonl":
-        yield from _jsonl_documents(source, text_field, skipped)
+        yield from _jsonl_documents(source, text_field, skipped, bad)
+        return
+    text, data = _text_document(source)
+    if _is_json_name(source.path.name) and _is_json_lines(data):
+        yield from _jsonl_records(data.splitlines(keepends=True), text_field, skipped, bad)
     else:
-        yield _text_document(source)
+        yield text, data
+
+
+def _is_json_name(name: str) -> bool:
+    return name.lower().removesuffix(".gz").endswith(".json")
 
 
 def _unit_interval(data: bytes, key: bytes) -> float:
@@ -411,10 +468,12 @@ def _scan(inventory: Inventory, data: DataConfig, reporter: Reporter) -> Scan:
     documents = total = val_docs = val_bytes = 0
     min_u, min_count, min_bytes = 2.0, 0, 0
     reporter.start("read", total=sum(s.size for s in inventory.sources), unit="B")
+    bad_records: list[str] = []
     for source in inventory.sources:
         docs = doc_bytes = 0
+        bad: list[tuple[int, str]] = []
         try:
-            for _, raw in iter_documents(source, data.text_field, inventory.skipped):
+            for _, raw in iter_documents(source, data.text_field, inventory.skipped, bad):
                 docs += 1
                 doc_bytes += len(raw)
                 u = _unit_interval(raw, key)
@@ -431,6 +490,10 @@ def _scan(inventory: Inventory, data: DataConfig, reporter: Reporter) -> Scan:
             else:
                 # A stream broken part-way: what was read before the break is kept, in every pass.
                 inventory.skipped[skip.reason] += 1
+        for line, reason in bad:
+            bad_records.append(f"{source.path}:{line} ({reason.removeprefix('JSONL record ')})")
+            if len(inventory.skipped_files) < MAX_LISTED_SKIPS:
+                inventory.skipped_files.append({"path": str(source.path), "line": line, "reason": reason})
         if docs:
             accepted.append(source)
             info.append({"path": str(source.path), "bytes": source.size, "sha256": sha256_file(source.path),
@@ -439,6 +502,10 @@ def _scan(inventory: Inventory, data: DataConfig, reporter: Reporter) -> Scan:
             total += doc_bytes
         reporter.advance("read", source.size)
     reporter.finish("read")
+    if bad_records:
+        more = f" and {len(bad_records) - 3} more" if len(bad_records) > 3 else ""
+        reporter.warning(f"skipped {len(bad_records)} JSONL record(s): {', '.join(bad_records[:3])}{more} "
+                         "(all in manifest.json's skipped_files)")
 
     if documents == 0:
         counts = ", ".join(f"{n} {reason}" for reason, n in inventory.skipped.most_common()) or "no files"
@@ -667,8 +734,8 @@ def dtype_for(vocab_size: int) -> np.dtype:
     return np.dtype("<u2") if vocab_size <= 1 << 16 else np.dtype("<u4")
 
 
-def _fingerprint(inventory: Inventory, data: DataConfig, inputs: Sequence[str]) -> str:
-    """What decides the output: the input files (path, size, mtime) and the settings."""
+def _fingerprint(inventory: Inventory, data: DataConfig, inputs: Sequence[str], tokenizer_sha256: str | None = None) -> str:
+    """What decides the output: the input files (path, size, mtime), the settings and a given tokenizer."""
     settings = {
         "format_version": DATA_FORMAT_VERSION,
         "inputs": list(inputs) or [BUILTIN_CORPUS],
@@ -680,6 +747,9 @@ def _fingerprint(inventory: Inventory, data: DataConfig, inputs: Sequence[str]) 
         "tokenizer_sample_bytes": data.tokenizer_sample_bytes,
         "seed": data.seed,
     }
+    if tokenizer_sha256 is not None:
+        # Only then: folders made before --tokenizer-from existed stay up to date.
+        settings["given_tokenizer"] = tokenizer_sha256
     return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()
 
 
@@ -708,12 +778,25 @@ def preprocess(
     force: bool = False,
     reporter: Reporter | None = None,
     parallel_min_bytes: int = PARALLEL_MIN_BYTES,
+    tokenizer: Tokenizer | None = None,
+    include: Sequence[str] = (),
+    exclude: Sequence[str] = (),
 ) -> PreprocessResult:
     """Tokenize ``inputs`` (files, folders, globs; none = python-stdlib) into a data folder.
+
+    With ``tokenizer`` (``--tokenizer-from``) the text is encoded with it and no tokenizer is trained, so the
+    folder can feed a run started from a model that uses it. ``include``/``exclude`` filter the files found
+    (see ``discover``).
 
     Refused while another process writes the same folder; what an interrupted run left there is removed.
     """
     reporter = reporter or NullReporter()
+    if tokenizer is not None:
+        check_special_ids(tokenizer, str(tokenizer.path or "the tokenizer"))
+        # The folder's config describes the tokenizer it holds, not the one it would have trained.
+        kind = tokenizer.model_type if tokenizer.model_type in TOKENIZERS else config.data.tokenizer
+        config = dataclasses.replace(config, data=dataclasses.replace(config.data, vocab_size=tokenizer.vocab_size,
+                                                                      tokenizer=kind))
     data = config.data
     data.validate()
     inputs = [str(i) for i in inputs]
@@ -726,7 +809,8 @@ def preprocess(
         with FileLock(out_dir / LOCK, f"data folder {out_dir}"):
             if done := clean_up(out_dir, "preprocess|" + re.escape(MANIFEST)):
                 reporter.info(f"cleaned up after an interrupted preprocess: {'; '.join(done)}")
-            result = _preprocess(config, inputs, out_dir, workers, force, reporter, parallel_min_bytes)
+            result = _preprocess(config, inputs, out_dir, workers, force, reporter, parallel_min_bytes, tokenizer,
+                                 include, exclude)
         finished = True
         return result
     finally:
@@ -739,12 +823,13 @@ def preprocess(
 
 
 def _preprocess(config: Config, inputs: list[str], out_dir: Path, workers: int, force: bool, reporter: Reporter,
-                parallel_min_bytes: int) -> PreprocessResult:
+                parallel_min_bytes: int, given: Tokenizer | None, include: Sequence[str],
+                exclude: Sequence[str]) -> PreprocessResult:
     data = config.data
     started = time.perf_counter()
 
-    inventory = discover(inputs, exclude_dir=out_dir)
-    fingerprint = _fingerprint(inventory, data, inputs)
+    inventory = discover(inputs, exclude_dir=out_dir, include=include, exclude=exclude)
+    fingerprint = _fingerprint(inventory, data, inputs, given.sha256 if given is not None else None)
     if not force and (manifest := _up_to_date(out_dir, fingerprint)) is not None:
         reporter.info(f"{out_dir} is up to date (same inputs and settings); --force redoes it")
         return PreprocessResult(out_dir, manifest, up_to_date=True)
@@ -763,11 +848,16 @@ def _preprocess(config: Config, inputs: list[str], out_dir: Path, workers: int, 
         reporter.info(f"only {scan.documents} document(s): the last {data.val_fraction:g} of each goes to val")
 
     tokenizer_started = time.perf_counter()
-    reporter.start("tokenizer", total=min(data.tokenizer_sample_bytes, scan.train_bytes), unit="B")
     sample_bytes = _SampleCounter()
-    tokenizer = train_tokenizer(lambda: sample_bytes.count(_tokenizer_sample(scan, data, reporter)),
-                                data.vocab_size, data.tokenizer)
-    reporter.finish("tokenizer")
+    if given is None:
+        reporter.start("tokenizer", total=min(data.tokenizer_sample_bytes, scan.train_bytes), unit="B")
+        tokenizer = train_tokenizer(lambda: sample_bytes.count(_tokenizer_sample(scan, data, reporter)),
+                                    data.vocab_size, data.tokenizer)
+        reporter.finish("tokenizer")
+        origin = {"sample_bytes": sample_bytes.total, "sample_of": "train"}
+    else:
+        tokenizer = given
+        origin = {"type": tokenizer.model_type, "from": str(tokenizer.path)}
     tokenizer_s = time.perf_counter() - tokenizer_started
 
     dtype = dtype_for(tokenizer.vocab_size)
@@ -780,6 +870,10 @@ def _preprocess(config: Config, inputs: list[str], out_dir: Path, workers: int, 
         encode_s, encode_cpu_s = time.perf_counter() - encode_started, _cpu_seconds() - encode_cpu
         if totals.documents[VAL] == 0 or totals.tokens[TRAIN] == 0:
             raise UsageError("the corpus is too small to give both a train and a val split; add more text")
+        if totals.tokens[VAL] < SMALL_VAL_TOKENS or (scan.split.method == "hash" and totals.documents[VAL] == 1):
+            reporter.warning(
+                f"the validation split is small ({totals.documents[VAL]} document(s), {totals.tokens[VAL]} tokens): "
+                "its loss will be noisy and may not reflect the corpus; raise --val-fraction or add text")
 
         (work / TOKENIZER).write_bytes(tokenizer.model_proto)
         saved = dataclasses.replace(config, data=dataclasses.replace(data, dir=str(out_dir)))
@@ -793,8 +887,7 @@ def _preprocess(config: Config, inputs: list[str], out_dir: Path, workers: int, 
             "fingerprint": fingerprint,
             "dtype": dtype.name,
             "tokenizer": {"file": TOKENIZER, "sha256": tokenizer.sha256,
-                          **tokenizer_settings(tokenizer),
-                          "sample_bytes": sample_bytes.total, "sample_of": "train"},
+                          **tokenizer_settings(tokenizer), **origin},
             "split": scan.split.describe(),
             "splits": {
                 name: {"file": split_file_name(name), "documents": totals.documents[i], "bytes": totals.bytes[i],

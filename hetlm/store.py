@@ -11,6 +11,7 @@ Data folder (written by ``hetlm preprocess``)::
 Run folder (``hetlm build`` / ``hetlm train``)::
 
     config.yaml       the resolved configuration of the latest build or train
+    changes.json      what each ``hetlm train`` changed in it: [{"step", "key", "from", "to"}], oldest first
     checkpoints/step-NNNNNN/
     metrics.jsonl     one JSON record per log interval and evaluation
     eval.json         the latest ``hetlm eval`` of one of its checkpoints
@@ -86,6 +87,7 @@ GGUF_FILE = "model.gguf"
 MODELFILE = "Modelfile"
 CHECKPOINTS = "checkpoints"
 METRICS = "metrics.jsonl"
+CHANGES = "changes.json"
 EVAL_RESULTS = "eval.json"
 LOSS_PLOT = "loss.png"
 TENSORBOARD = "tensorboard"
@@ -427,6 +429,20 @@ class RunDir:
         return self.path / METRICS
 
     @property
+    def changes_path(self) -> Path:
+        return self.path / CHANGES
+
+    def changes(self) -> list[dict[str, Any]]:
+        """What ``hetlm train`` changed in the run's config, oldest first (empty when nothing was)."""
+        recorded = _read_json(self.changes_path)
+        return recorded if isinstance(recorded, list) else []
+
+    def record_changes(self, step: int, changes: list[tuple[str, Any, Any]]) -> None:
+        """Append ``changes`` (key, old, new), which take effect at ``step``, to changes.json (hold the run's lock)."""
+        records = self.changes() + [{"step": step, "key": key, "from": old, "to": new} for key, old, new in changes]
+        atomic_write_json(self.changes_path, records)
+
+    @property
     def eval_path(self) -> Path:
         return self.path / EVAL_RESULTS
 
@@ -443,6 +459,13 @@ class RunDir:
 
     def save_config(self, config: Config) -> None:
         save_config(config, self.config_path)
+
+    def saved_config(self) -> Config | None:
+        """The run's config.yaml, else its newest checkpoint's config; None for a folder that is no run yet."""
+        if self.config_path.is_file():
+            return read_config(self.path)
+        found = self.checkpoints(verify=False)
+        return found[-1].config() if found else None
 
     def check_layout(self) -> None:
         """UsageError unless training may write and delete here: a folder (or room for one) with its checkpoints inside."""
@@ -513,7 +536,7 @@ class RunDir:
         removed = len(self.checkpoints(verify=False))
         for old in (self.path / CHECKPOINTS).glob("step-*"):
             _remove_checkpoint(old)
-        for target in (self.metrics_path, self.loss_plot_path, self.tensorboard_path):
+        for target in (self.metrics_path, self.loss_plot_path, self.tensorboard_path, self.changes_path):
             remove_path(target)
         return removed
 
@@ -521,7 +544,7 @@ class RunDir:
         """Finish or undo what a process that died while writing left (hold the run's lock), and say what."""
         done = clean_up(self.path / CHECKPOINTS, r"step-\d+")
         # eval.json is left out: hetlm eval writes it without waiting for a training run's lock.
-        done += clean_up(self.path, "|".join(map(re.escape, (CONFIG, METRICS))))
+        done += clean_up(self.path, "|".join(map(re.escape, (CONFIG, METRICS, CHANGES))))
         if done:
             reporter.info(f"cleaned up after an interrupted run in {self.path}: {'; '.join(done)}")
 
@@ -603,6 +626,9 @@ def resolve(target: Path, prefer: str = "best", reporter: Reporter = NullReporte
     if not target.exists():
         raise UsageError(f"{target} does not exist")
     if (target / MANIFEST).is_file():
+        if (target / split_file_name("train")).is_file() and not (target / WEIGHTS).exists():
+            raise UsageError(f"{target} is a data folder, not a model: give a run, checkpoint or bundle (hetlm eval "
+                             "takes a data folder after --data)")
         if Checkpoint.read(target) is None:
             raise UsageError(f"{target} is an incomplete or corrupt checkpoint (its manifest does not match its files)")
         return target

@@ -355,6 +355,15 @@ def _training_error(message: str, vocab_size: int) -> UsageError:
     return UsageError(f"tokenizer training failed: {first}")
 
 
+def check_special_ids(tokenizer: Tokenizer, where: str) -> None:
+    """UsageError unless ``tokenizer`` has hetlm's special pieces at hetlm's ids (unk 0, bos 1, eos 2, pad 3)."""
+    wrong = [f"{SPECIAL_PIECES[name]} is {tokenizer.piece_to_id(SPECIAL_PIECES[name])}, not {i}"
+             for name, i in SPECIAL_IDS.items() if tokenizer.piece_to_id(SPECIAL_PIECES[name]) != i
+             or tokenizer.id_to_piece(i) != SPECIAL_PIECES[name]] if tokenizer.vocab_size > PAD_ID else ["too few pieces"]
+    if wrong:
+        raise UsageError(f"{where}: hetlm's data format needs <unk>, <s>, </s> and <pad> at ids 0-3 ({'; '.join(wrong)})")
+
+
 def tokenizer_settings(tokenizer: Tokenizer) -> dict[str, Any]:
     """What the manifest records about how the tokenizer was trained."""
     return {

@@ -1,11 +1,12 @@
 """``hetlm train``: the training loop, its checkpoints, and resuming them bit for bit.
 
 Everything a step depends on is either in the weights or in ``trainer.pt``: optimizer moments and a
-``TrainState`` (the step counter and the schedule length fitted to train.max_time, of which the learning
-rate is a pure function; the gradient scaler; the Python, numpy, torch and CUDA RNG states (dropout)
-and the data generator of every rank). Checkpoints are taken only between optimizer steps, so no
-gradient-accumulation state is ever half done, and evaluation draws no random numbers. A run killed at
-any moment and resumed from its newest complete checkpoint therefore replays exactly the steps it lost.
+``TrainState`` (the step counter, the schedule length fitted to train.max_time and the segments of a
+re-planned schedule, of which with the config the learning rate is a pure function; the gradient scaler;
+the Python, numpy, torch and CUDA RNG states (dropout) and the data generator of every rank). Checkpoints
+are taken only between optimizer steps, so no gradient-accumulation state is ever half done, and
+evaluation draws no random numbers. A run killed at any moment and resumed from its newest complete
+checkpoint therefore replays exactly the steps it lost.
 
 The step avoids host synchronisation: losses and bad-step counters accumulate on the device and
 are read once per log interval; a non-finite loss or gradient skips the update inside the fused
@@ -15,6 +16,7 @@ AdamW kernel through its ``found_inf`` input rather than through a Python branch
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import os
 import random
@@ -30,7 +32,7 @@ import torch
 import torch.distributed as tdist
 from torch.nn.parallel import DistributedDataParallel
 
-from hetlm.build import build_run, check_compatible, default_run_dir, resolve_config
+from hetlm.build import InitSource, build_run, check_compatible, config_changes, default_run_dir, resolve_config
 from hetlm.config import Config, TrainConfig, parse_duration
 from hetlm.data import PrefetchLoader, fixed_starts, gather_windows, split_inputs_targets
 from hetlm.errors import HetlmError, UsageError
@@ -57,17 +59,102 @@ FIT_SKIP, FIT_MIN_STEPS, FIT_MIN_SECONDS, FIT_FRACTION = 5, 5, 1.0, 0.1
 # --- pure pieces -----------------------------------------------------------------------------------
 
 
-def learning_rate_at(step: int, train: TrainConfig, fitted_steps: int = 0) -> float:
+def learning_rate_at(step: int, train: TrainConfig, fitted_steps: int = 0,
+                     segments: tuple[Segment, ...] | list[Segment] = ()) -> float:
     """Learning rate of the update made at 0-based ``step``: linear warmup, then cosine decay to min_lr.
 
     The decay ends at train.decay_steps, else at ``fitted_steps`` (the steps a train.max_time budget
-    was measured to allow; see ``fit_decay_steps``), else at train.max_steps.
+    was measured to allow; see ``fit_decay_steps``), else at train.max_steps. From the start of a
+    re-planned ``segment`` on (a continued run, see ``replan``), that segment's own schedule applies.
     """
+    active = [segment for segment in segments if segment.start <= step]
+    if active:
+        return active[-1].rate(step, train.max_steps)
     if step < train.warmup_steps:
         return train.learning_rate * (step + 1) / train.warmup_steps
     decay_end = train.decay_steps or fitted_steps or train.max_steps
     progress = min(1.0, (step - train.warmup_steps) / max(1, decay_end - train.warmup_steps))
     return train.min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (train.learning_rate - train.min_lr)
+
+
+# A continued run whose rate is within this share of the (peak - min_lr) range above min_lr restarts with a warmup.
+RESTART_BELOW = 0.1
+
+
+@dataclass(frozen=True)
+class Segment:
+    """The schedule of a continued run from step ``start`` on: warmup from ``from_lr`` to ``peak``, then cosine to min_lr.
+
+    ``end`` is where the decay reaches ``min_lr``; 0 while a train.max_time budget is still being timed (the decay
+    is then provisionally aimed at train.max_steps). ``learning_rate`` is the train.learning_rate it was planned for.
+    """
+
+    start: int
+    end: int
+    from_lr: float
+    peak: float
+    min_lr: float
+    warmup: int
+    learning_rate: float
+
+    def rate(self, step: int, max_steps: int) -> float:
+        done = step - self.start
+        if done < self.warmup:
+            return self.from_lr + (self.peak - self.from_lr) * (done + 1) / self.warmup
+        end = self.end or max_steps
+        progress = min(1.0, (done - self.warmup) / max(1, end - self.start - self.warmup))
+        return self.min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (self.peak - self.min_lr)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> Segment:
+        return cls(int(values["start"]), int(values["end"]), float(values["from_lr"]), float(values["peak"]),
+                   float(values["min_lr"]), int(values["warmup"]), float(values["learning_rate"]))
+
+    def describe(self) -> str:
+        end = f"step {self.end}" if self.end else "the step train.max_time will stop at (timed over the next steps)"
+        if self.warmup:
+            return (f"the learning rate restarts: {self.warmup}-step warmup from {self.from_lr:.2e} to {self.peak:.2e}, "
+                    f"then cosine decay to {self.min_lr:.2e} by {end}")
+        return f"the learning rate decays from its current {self.from_lr:.2e} to {self.min_lr:.2e} by {end}"
+
+
+def replan(step: int, previous: TrainConfig, fitted_steps: int, segments: list[Segment], train: TrainConfig,
+           fit: bool) -> Segment | None:
+    """The schedule segment a run continued at ``step`` with ``train`` needs, or None when its schedule stands.
+
+    ``previous`` is the configuration the run's schedule so far was made for. The schedule is re-planned when
+    the decay's end, the peak or the floor changes, and always under a time budget (``fit``: train.max_time
+    without train.decay_steps), which belongs to one invocation. The new segment starts at the current rate, so
+    the rate never jumps: mid-decay, it decays from there to min_lr by the new end; within RESTART_BELOW of the
+    floor (a finished schedule) or during the warmup, it warms up to train.learning_rate first (over the rest of
+    the warmup, else over train.warmup_steps but at most a tenth of the new steps).
+    """
+    if step == 0:
+        return None
+    current = learning_rate_at(step, previous, fitted_steps, segments)
+    if segments:
+        last = segments[-1]
+        end, peak, floor, warm_until = last.end, last.learning_rate, last.min_lr, last.start + last.warmup
+        # A segment's warmup is its own; the base schedule's is read from the config, so changing it re-plans.
+        same_warmup = True
+    else:
+        end = previous.decay_steps or fitted_steps or previous.max_steps
+        peak, floor, warm_until = previous.learning_rate, previous.min_lr, previous.warmup_steps
+        same_warmup = train.warmup_steps == previous.warmup_steps
+    new_end = 0 if fit else (train.decay_steps or train.max_steps)
+    if not fit and same_warmup and (new_end, train.learning_rate, train.min_lr) == (end, peak, floor):
+        return None
+    if step < warm_until:
+        warmup = warm_until - step
+    elif current - train.min_lr <= RESTART_BELOW * (train.learning_rate - train.min_lr):
+        warmup = max(1, min(train.warmup_steps, ((new_end or train.max_steps) - step) // 10))
+    else:
+        warmup = 0
+    peak = train.learning_rate if warmup else current
+    return Segment(step, new_end, current, peak, train.min_lr, warmup, train.learning_rate)
 
 
 def fit_decay_steps(step: int, seconds_per_step: float, seconds_left: float, train: TrainConfig) -> int:
@@ -278,6 +365,8 @@ class TrainState:
     tokens: int = 0
     # The steps a train.max_time budget was measured to allow (0 until fitted): where the cosine ends.
     fitted_steps: int = 0
+    # The schedule's re-plans when a run was continued with another target, oldest first.
+    segments: list[Segment] = field(default_factory=list)
     bad_steps: int = 0
     # Time spent in steps, evaluation and checkpoints excluded.
     train_seconds: float = 0.0
@@ -293,7 +382,7 @@ class TrainState:
         return {
             "step": self.step,
             "tokens": self.tokens,
-            "schedule": {"fitted_steps": self.fitted_steps},
+            "schedule": {"fitted_steps": self.fitted_steps, "segments": [s.to_dict() for s in self.segments]},
             "bad_steps": self.bad_steps,
             "train_seconds": self.train_seconds,
             "best": list(self.best) if self.best is not None else None,
@@ -307,6 +396,8 @@ class TrainState:
         self.step = int(state["step"])
         self.tokens = int(state["tokens"])
         self.fitted_steps = int(state["schedule"]["fitted_steps"])
+        # Format 1 files from before re-planning have no segments.
+        self.segments = [Segment.from_dict(s) for s in state["schedule"].get("segments", [])]
         self.bad_steps = int(state["bad_steps"])
         self.train_seconds = float(state["train_seconds"])
         self.best = (float(state["best"][0]), int(state["best"][1])) if state["best"] is not None else None
@@ -381,13 +472,14 @@ class _StopFlag:
 
 
 def train(config: Config, plan: Plan, out: Path | None = None, resume: str = "auto",
-          reporter: Reporter = NullReporter()) -> TrainResult:
+          reporter: Reporter = NullReporter(), init: InitSource | None = None) -> TrainResult:
     """Train the model of ``config`` on its data folder into the run folder ``out`` (default runs/<name>).
 
     ``plan`` is the planner's Plan for this process. ``resume`` is "auto" (continue from the newest
     complete checkpoint of the run, or start from its step-0 build), "never" (start over, removing the
     run's checkpoints) or the path of a checkpoint or run to continue from. Under torchrun each process
-    calls this; only rank 0 reports, writes checkpoints and logs, and holds the run's lock.
+    calls this; only rank 0 reports, writes checkpoints and logs, and holds the run's lock. ``init`` starts a
+    new run (or, with "never", this one over) from its weights with a fresh optimizer and schedule.
     """
     procs = _start_processes(plan.torch_device)
     deterministic = torch.are_deterministic_algorithms_enabled()
@@ -397,7 +489,7 @@ def train(config: Config, plan: Plan, out: Path | None = None, resume: str = "au
             os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
             torch.use_deterministic_algorithms(True, warn_only=True)
         with contextlib.ExitStack() as held, disk_full_errors(run_dir):
-            trainer = Trainer(config, plan, out, resume, reporter if procs.main else NullReporter(), procs, held)
+            trainer = Trainer(config, plan, out, resume, reporter if procs.main else NullReporter(), procs, held, init)
             try:
                 return trainer.run()
             finally:
@@ -412,8 +504,9 @@ class Trainer:
     """One process's training run: built whole from the run folder's checkpoint, then ``run``."""
 
     def __init__(self, config: Config, plan: Plan, out: Path | None, resume: str, reporter: Reporter,
-                 procs: Processes, held: contextlib.ExitStack) -> None:
+                 procs: Processes, held: contextlib.ExitStack, init: InitSource | None = None) -> None:
         self.plan = plan
+        self.init = init
         self.reporter = reporter
         self.procs = procs
         self.device = plan.torch_device
@@ -442,8 +535,10 @@ class Trainer:
         self.accumulation = len(self.micro_sizes)
         self.tokens_per_step = self.step_sequences * T
 
+        # Before the run is touched: a split too short for training rejects the command with nothing removed.
+        self.train_tokens, self.val_windows, self.val_bytes = self._open_data()
         # Rank 0 takes the run's lock into ``held``, whose owner releases it when training is over.
-        self.loaded_from = self._prepare_run(resume, held)
+        self.loaded_from, saved = self._prepare_run(resume, held)
         check_compatible(self.loaded_from, self.config, self.data, self.run_dir.path)
         self.model = self.loaded_from.model(self.device).train()
         compute = plan.autocast_dtype or torch.float32
@@ -460,8 +555,18 @@ class Trainer:
         else:
             self._seed()
         self.start_step = self.state.step
-
-        self.train_tokens, self.val_windows, self.val_bytes = self._open_data()
+        fit = self.max_time is not None and not tc.decay_steps
+        self.replanned = replan(self.state.step, self.loaded_from.config().train, self.state.fitted_steps,
+                                self.state.segments, tc, fit)
+        if self.replanned is not None:
+            self.state.segments.append(self.replanned)
+        self.changes: list[tuple[str, Any, Any]] = []
+        if procs.main:
+            # Only now that the command is accepted does the run's config change.
+            self.changes = config_changes(saved, self.config) if saved is not None else []
+            self.run_dir.save_config(self.config)
+            if self.changes:
+                self.run_dir.record_changes(self.state.step, self.changes)
         plan.prepare_model(self.model)
         self.ddp: DistributedDataParallel | None = None
         if procs.distributed:
@@ -500,19 +605,28 @@ class Trainer:
 
     # -- setup
 
-    def _prepare_run(self, resume: str, held: contextlib.ExitStack) -> Checkpoint:
-        """Rank 0 locks and readies the run folder; every rank then returns the checkpoint to start from."""
+    def _prepare_run(self, resume: str, held: contextlib.ExitStack) -> tuple[Checkpoint, Config | None]:
+        """Rank 0 locks and readies the run folder; every rank then returns the checkpoint to start from.
+
+        Also returns the run's saved config (None on other ranks and for a new or restarted run), which the
+        changes of this invocation are recorded against.
+        """
         run = self.run_dir
         failure: Exception | None = None
+        saved: Config | None = None
         if self.procs.main:
             try:
                 held.enter_context(run.claim(self.reporter))
+                if self.init is not None and resume != "never" and run.checkpoints(verify=False):
+                    raise UsageError(f"run {run.path} already has checkpoints, and --init starts a new run: use a new "
+                                     "--out, or --resume never to start this one over")
                 if resume == "never" and RunDir.is_run(run.path):
                     removed = run.start_over()
                     self.reporter.warning(f"--resume never: starting {run.path} over ({removed} checkpoint(s) removed)")
+                else:
+                    saved = run.saved_config()
                 if resume in ("auto", "never") and not run.checkpoints(verify=False):
-                    build_run(self.config, run.path, self.reporter, data=self.data)
-                run.save_config(self.config)
+                    build_run(self.config, run.path, self.reporter, data=self.data, init=self.init)
             except Exception as exc:
                 failure = exc
         self._share_failure(failure)
@@ -520,8 +634,8 @@ class Trainer:
             found = run.checkpoints(self.reporter)
             if not found:
                 raise HetlmError(f"run {run.path} has no complete checkpoint to start from")
-            return found[-1]
-        return Checkpoint.read(resolve(Path(resume), prefer="latest", reporter=self.reporter), verify=False)
+            return found[-1], saved
+        return Checkpoint.read(resolve(Path(resume), prefer="latest", reporter=self.reporter), verify=False), saved
 
     def _share_failure(self, failure: Exception | None) -> None:
         """Raise rank 0's ``failure`` on every rank (a barrier otherwise): no rank waits for a run that is not coming."""
@@ -638,6 +752,14 @@ class Trainer:
                else "")
             + (", AdamW state offloaded to the CPU" if self.offload is not None else "")
         )
+        if self.init is not None:
+            self.reporter.info(f"starting from the weights of {self.init.lineage['checkpoint']} "
+                               f"(sha256 {self.init.lineage['weights_sha256'][:12]}) with a fresh optimizer and schedule")
+        if self.changes:
+            self.reporter.info(f"changed from the run's saved config at step {state.step}: "
+                               + "; ".join(f"{key} {old!r} -> {new!r}" for key, old, new in self.changes))
+        if self.replanned is not None:
+            self.reporter.info(f"schedule re-planned at step {state.step}: {self.replanned.describe()}")
         self.reporter.start("train", total=tc.max_steps)
         self.reporter.advance("train", state.step)
         try:
@@ -681,10 +803,10 @@ class Trainer:
         train_loss: float | None = None
         checkpoint: Path | None = None
         evaluated_at = checkpointed_at = -1
-        fitting = self.max_time is not None and not tc.decay_steps and not state.fitted_steps
+        fitting = self.max_time is not None and not tc.decay_steps and not self._fitted_end()
         fit_from: tuple[int, float] | None = None
         while True:
-            self.stepper(learning_rate_at(state.step, tc, state.fitted_steps), self.loader)
+            self.stepper(learning_rate_at(state.step, tc, state.fitted_steps, state.segments), self.loader)
             state.step += 1
             if fitting:
                 fit_from, fitting = self._fit_schedule(fit_from, started)
@@ -701,7 +823,7 @@ class Trainer:
                 rate = (state.step - last_log_step) * self.tokens_per_step / seconds if seconds > 0 else 0.0
                 record = {
                     "kind": "train", "step": state.step, "loss": train_loss,
-                    "lr": learning_rate_at(state.step - 1, tc, state.fitted_steps), "tokens": state.tokens,
+                    "lr": learning_rate_at(state.step - 1, tc, state.fitted_steps, state.segments), "tokens": state.tokens,
                     "tok_per_s": rate, "bad_steps": state.bad_steps,
                     "elapsed_s": now - started, "eta_s": self._eta(seconds / max(1, interval_steps), started),
                 }
@@ -719,6 +841,10 @@ class Trainer:
                 evaluated_at = state.step
                 records.write(last_eval)
                 self.reporter.metrics("eval", last_eval)
+            if procs.main and tc.sample_every and state.step % tc.sample_every == 0:
+                sample = self._sample()
+                records.write(sample)
+                self.reporter.info(f"sample at step {state.step}: {sample['prompt']}{sample['text']}")
             if want_checkpoint and checkpointed_at != state.step:
                 if state.step % tc.log_every:
                     self._sync_counters(keep=True)
@@ -761,12 +887,19 @@ class Trainer:
         fitted = torch.tensor(fit_decay_steps(self.state.step, per_step, left, self.train_cfg))
         if self.procs.distributed:
             tdist.broadcast(fitted, src=0, group=self.procs.control)
-        self.state.fitted_steps = int(fitted)
+        if self.state.segments:
+            self.state.segments[-1] = dataclasses.replace(self.state.segments[-1], end=int(fitted))
+        else:
+            self.state.fitted_steps = int(fitted)
         self.reporter.info(
             f"train.max_time: {per_step * 1000:.0f} ms per step, so the learning rate decays to train.min_lr "
-            f"by step {self.state.fitted_steps}"
+            f"by step {self._fitted_end()}"
         )
         return None, False
+
+    def _fitted_end(self) -> int:
+        """Where the active schedule's decay ends once a time budget has been fitted (0 before)."""
+        return self.state.segments[-1].end if self.state.segments else self.state.fitted_steps
 
     def _sync_counters(self, keep: bool = False) -> float | None:
         """Read the step counters (one host sync); raise when too many bad steps came in a row."""
@@ -808,11 +941,35 @@ class Trainer:
             self.state.best = (loss, step)
         return record
 
+    @torch.no_grad()
+    def _sample(self) -> dict[str, Any]:
+        """A greedy continuation of train.sample_prompt: argmax only, so no random number is drawn."""
+        tc, T = self.train_cfg, self.config.model.context_length
+        tokenizer = Tokenizer.load(self.data.tokenizer_path)
+        ids = [tokenizer.bos_id, *tokenizer.encode(tc.sample_prompt)]
+        new: list[int] = []
+        was_training = self.model.training
+        self.model.eval()
+        for _ in range(tc.sample_tokens):
+            window = torch.tensor([ids[-T:]], device=self.device)
+            with self.plan.autocast():
+                logits, _ = self.model(window, last_only=True)
+            token = int(logits[0, -1].argmax())
+            if token == tokenizer.eos_id:
+                break
+            ids.append(token)
+            new.append(token)
+        self.model.train(was_training)
+        return {"kind": "sample", "step": self.state.step, "prompt": tc.sample_prompt, "text": tokenizer.decode(new)}
+
     def _save(self, last_eval: dict | None) -> Path | None:
         state = self.state_dict()
         if not self.procs.main:
             return None
         info: dict[str, Any] = {"step": self.state.step, "tokens": self.state.tokens}
+        if lineage := self.loaded_from.manifest.get("init"):
+            # Every checkpoint says which weights the run started from: the step-0 one is pruned in time.
+            info["init"] = lineage
         if last_eval is not None:
             info.update({k: v for k, v in finite(last_eval).items() if k.startswith("val_")})
         checkpoint = Checkpoint.write(self.run_dir.checkpoint_path(self.state.step), self.model, self.config,

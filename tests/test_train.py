@@ -21,7 +21,7 @@ from safetensors.torch import load_file
 from hetlm.config import load_config
 from hetlm.model import flops_per_token, parameter_counts
 from hetlm.store import Checkpoint, RunDir, load_checkpoint
-from hetlm.train import TrainState, fit_decay_steps, learning_rate_at
+from hetlm.train import Segment, TrainState, fit_decay_steps, learning_rate_at
 
 TINY = {
     "model": {"n_layers": 1, "d_model": 32, "n_heads": 2, "context_length": 32},
@@ -109,13 +109,15 @@ def test_a_fitted_length_ends_the_decay_unless_decay_steps_is_set():
 
 
 def test_train_state_saves_and_loads_symmetrically(tmp_path):
-    state = TrainState(step=7, tokens=896, fitted_steps=40, bad_steps=2, train_seconds=1.5, best=(2.5, 6), world_size=2,
+    segment = Segment(start=5, end=30, from_lr=1e-4, peak=1e-3, min_lr=1e-5, warmup=2, learning_rate=1e-3)
+    state = TrainState(step=7, tokens=896, fitted_steps=40, segments=[segment], bad_steps=2, train_seconds=1.5, best=(2.5, 6),
+                       world_size=2,
                        accumulation=3, scaler={"scale": 1024.0}, ranks=[{"data": torch.arange(4)}, {"data": torch.ones(2)}])
     torch.save(state.state_dict(), tmp_path / "state.pt")
     loaded = TrainState()
     loaded.load_state_dict(torch.load(tmp_path / "state.pt", weights_only=True))
     assert loaded.state_dict().keys() == state.state_dict().keys()
-    for field in ("step", "tokens", "fitted_steps", "bad_steps", "train_seconds", "best", "world_size", "accumulation",
+    for field in ("step", "tokens", "fitted_steps", "segments", "bad_steps", "train_seconds", "best", "world_size", "accumulation",
                   "scaler"):
         assert getattr(loaded, field) == getattr(state, field), field
     assert all(torch.equal(a["data"], b["data"]) for a, b in zip(loaded.ranks, state.ranks, strict=True))
@@ -222,7 +224,7 @@ def test_training_lowers_the_loss_and_writes_a_resumable_run(cli, tiny_data, tmp
     state = Checkpoint.read(newest).trainer_state()  # weights_only=True
     assert state["step"] == 40 and state["tokens"] == 40 * 128 and state["world_size"] == 1
     assert set(state["ranks"][0]) >= {"python", "numpy", "torch", "data"}
-    assert state["optimizer"]["state"] and state["schedule"] == {"fitted_steps": 0}
+    assert state["optimizer"]["state"] and state["schedule"] == {"fitted_steps": 0, "segments": []}
 
     # At max_steps already: nothing to do. A higher --max-steps continues from step 40.
     done = cli("train", "--config", config, "--out", run)
@@ -332,10 +334,12 @@ def test_max_time_fits_the_decay_to_the_budget_and_saves_it(cli, tiny_data, tmp_
     assert all(f or u for f, u in zip(fitted, unfitted, strict=True))
     switch = next(i for i, (f, u) in enumerate(zip(fitted, unfitted, strict=True)) if f and not u)
     assert all(unfitted[:switch]) and all(fitted[switch:])
+    # A time budget is the invocation's: continuing under one re-plans the schedule from where the run is.
     resumed = cli("train", "--config", config, "--out", run, "--max-time", "3s", "--max-steps", str(final.step + 3))
     assert resumed.code == 0, resumed.err
-    assert "decays to train.min_lr" not in resumed.err
-    assert RunDir(run).checkpoints()[-1].trainer_state()["schedule"]["fitted_steps"] == reported
+    assert f"schedule re-planned at step {final.step}" in resumed.err
+    schedule = RunDir(run).checkpoints()[-1].trainer_state()["schedule"]
+    assert schedule["fitted_steps"] == reported and [s["start"] for s in schedule["segments"]] == [final.step]
 
 
 def test_resume_from_a_checkpoint_path_into_a_new_run(cli, tiny_data, tmp_path):

@@ -10,10 +10,11 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
+from hetlm.build import resolve_config
 from hetlm.cli.app import app
 from hetlm.cli.options import ConfigOption, SetOption
-from hetlm.cli.render import plan_table, size, stdout
-from hetlm.config import load_config
+from hetlm.cli.render import plan_table, size, stderr, stdout
+from hetlm.config import Config, load_config
 from hetlm.errors import UsageError
 from hetlm.placement import bar
 from hetlm.planner import (
@@ -26,6 +27,7 @@ from hetlm.planner import (
     measure_inventory,
     planning_model,
 )
+from hetlm.store import DataFolder, finished_data_manifest
 
 
 @app.command("plan")
@@ -45,13 +47,16 @@ def plan(
         "(eval.batch_size sequences) or serve (serve.max_concurrency).")] = "train",
 ) -> None:
     """Show the hardware found and where each stage will run, in which dtype, and why."""
-    resolved = load_config(config, set_ or [])
+    resolved, note = _with_vocabulary(load_config(config, set_ or []))
     machine = load_inventory(inventory) if inventory is not None else detect_inventory()
     if measure:
         if inventory is not None:
             raise UsageError("--measure measures this machine; it cannot measure a simulated --inventory")
         machine = measure_inventory(machine, resolved.device.threads or machine.cpu.cores)
     result = make_plan(machine, resolved, workload)
+    if note:
+        # After the plan, so that a rejected command prints its one error line only.
+        stderr.print(f"note: {escape(note)}", highlight=False, soft_wrap=True)
     if as_json:
         typer.echo(json.dumps(result.to_dict(), indent=2))
         return
@@ -73,6 +78,16 @@ def plan(
         stdout.print(f"[bold red]does not fit:[/] {escape(memory.reason)}")
     elif memory is not None:
         stdout.print(f"[green]fits:[/] {escape(memory.reason)}")
+
+
+def _with_vocabulary(config: Config) -> tuple[Config, str | None]:
+    """``config`` with the vocabulary of its data folder, as build and train will take it; else a note saying so."""
+    folder = Path(config.data.dir)
+    if finished_data_manifest(folder) is not None:
+        return resolve_config(config, DataFolder.open(folder)), None
+    vocab = config.model.vocab_size or config.data.vocab_size
+    return config, (f"data folder {folder} is not there (or unfinished): planning with a vocabulary of {vocab} "
+                    "(model.vocab_size, else data.vocab_size)")
 
 
 def _inventory_table(machine: Inventory) -> Table:

@@ -9,12 +9,14 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
+from hetlm.build import tokenizer_source
 from hetlm.cli.app import app
 from hetlm.cli.options import ConfigOption, SetOption, key_help
 from hetlm.cli.render import RichReporter, stderr, stdout
 from hetlm.config import load_config
 from hetlm.planner import detect_inventory, make_plan
 from hetlm.preprocess import BUILTIN_CORPUS, preprocess
+from hetlm.tokenizer import Tokenizer
 
 
 @app.command("preprocess")
@@ -50,6 +52,21 @@ def preprocess_cmd(
     text_field: Annotated[
         Optional[str], typer.Option("--text-field", help=key_help("data.text_field"), show_default=False)
     ] = None,
+    tokenizer_from: Annotated[
+        Optional[Path],
+        typer.Option("--tokenizer-from", help="Encode with the tokenizer of this run, checkpoint, bundle, data folder or "
+                     "Hugging Face Llama folder instead of training one (to fine-tune that model).", show_default=False),
+    ] = None,
+    include: Annotated[
+        Optional[list[str]],
+        typer.Option("--include", help="Only take files whose name or path matches this glob (repeatable), e.g. '*.md'.",
+                     show_default=False),
+    ] = None,
+    exclude: Annotated[
+        Optional[list[str]],
+        typer.Option("--exclude", help="Leave out files whose name or path matches this glob (repeatable), e.g. "
+                     "'*/tests/*'.", show_default=False),
+    ] = None,
     force: Annotated[bool, typer.Option("--force", "-f", help="Redo the work even if the folder is up to date.")] = False,
     config: ConfigOption = None,
     set_: SetOption = None,
@@ -65,10 +82,12 @@ def preprocess_cmd(
         if value is not None:
             setattr(data, key, value)
     data.validate()
+    given = Tokenizer.load(tokenizer_source(tokenizer_from)) if tokenizer_from is not None else None
     with RichReporter(stderr) as reporter:
         plan = make_plan(detect_inventory(), resolved, workload="preprocess")
         result = preprocess(resolved, inputs or [], out, workers=plan.preprocess_workers,
-                            force=force, reporter=reporter)
+                            force=force, reporter=reporter, tokenizer=given, include=include or (),
+                            exclude=exclude or ())
     stderr.print(summary_table(result.manifest))
     if line := characters_line(result.manifest):
         stderr.print(line, highlight=False, markup=False)

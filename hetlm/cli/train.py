@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Annotated, Any, Optional
 
 import typer
@@ -9,11 +10,14 @@ from rich.markup import escape
 from rich.progress import BarColumn, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from hetlm.build import default_run_dir, init_config, open_init
 from hetlm.cli.app import app
 from hetlm.cli.build import plan_for
 from hetlm.cli.options import ConfigOption, OutOption, SetOption, key_help
 from hetlm.cli.render import RichReporter, stderr, stdout
 from hetlm.config import load_config
+from hetlm.errors import UsageError
+from hetlm.store import DataFolder, RunDir
 from hetlm.train import TrainResult, train
 
 
@@ -96,6 +100,9 @@ def _summary(result: TrainResult) -> Table:
 
 @app.command("train")
 def train_command(
+    run: Annotated[
+        Optional[Path], typer.Argument(help="Run folder to train or continue (the same as --out).", show_default=False)
+    ] = None,
     config: ConfigOption = None,
     set_: SetOption = None,
     out: OutOption = None,
@@ -106,16 +113,42 @@ def train_command(
         Optional[int], typer.Option("--max-steps", help=key_help("train.max_steps"), show_default=False)
     ] = None,
     max_time: Annotated[Optional[str], typer.Option("--max-time", help=key_help("train.max_time"), show_default=False)] = None,
+    init: Annotated[
+        Optional[Path],
+        typer.Option("--init", help="Start a new run from these weights (a hetlm run, checkpoint or bundle, or a Hugging "
+                     "Face LlamaForCausalLM folder) with a fresh optimizer and schedule; the model comes from them.",
+                     show_default=False),
+    ] = None,
 ) -> int:
-    """Train the run's model; continues from its newest checkpoint. Works under torchrun for DDP."""
+    """Train the run's model; continues from its newest checkpoint. Works under torchrun for DDP.
+
+    On an existing run the saved config.yaml is the starting point: --config, --set, --max-steps and
+    --max-time change only the keys they name.
+    """
+    if run is not None and out is not None and Path(run) != Path(out):
+        raise UsageError(f"two run folders given ({run} and --out {out}): name it once")
+    out = out if out is not None else run
     overrides = list(set_ or [])
     if max_steps is not None:
         overrides.append(f"train.max_steps={max_steps}")
     if max_time is not None:
         overrides.append(f"train.max_time={max_time}")
-    resolved, plan = plan_for(load_config(config, overrides))
+    source = None
+    if init is not None:
+        if resume not in ("auto", "never"):
+            raise UsageError("--init starts a new run from weights and --resume PATH continues one: give one of them")
+        source = open_init(init)
+        fresh = load_config(config, overrides)
+        wanted = init_config(fresh, source, DataFolder.open(fresh.data.dir))
+    else:
+        # Where the run lives decides what the options apply to, so the default folder's name comes first.
+        target = RunDir(out if out is not None else default_run_dir(load_config(config, overrides)))
+        # A run whose checkpoints live elsewhere is refused before anything is read from them.
+        target.check_layout()
+        wanted = load_config(config, overrides, base=target.saved_config())
+    resolved, plan = plan_for(wanted)
     with TrainReporter() as reporter:
-        result = train(resolved, plan, out, resume, reporter)
+        result = train(resolved, plan, out, resume, reporter, init=source)
     if result.rank != 0:
         return result.exit_code
     if result.stopped_by in ("SIGINT", "SIGTERM"):
