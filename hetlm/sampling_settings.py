@@ -12,12 +12,9 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from hetlm.errors import UsageError
-
-if TYPE_CHECKING:
-    from hetlm.config import SampleConfig
 
 
 class SamplingError(UsageError):
@@ -66,8 +63,9 @@ class SamplingSettings:
             raise SamplingError("stop", "must not contain an empty string")
 
     @classmethod
-    def from_config(cls, sample: SampleConfig, **overrides: Any) -> SamplingSettings:
-        """Settings from the config's ``sample`` section; ``overrides`` that are None keep the config's value."""
+    def from_config(cls, sample: Any, **overrides: Any) -> SamplingSettings:
+        """Settings from the config's ``sample`` section (a SampleConfig: typed loosely, since config.py imports this
+        module); ``overrides`` that are None keep the config's value."""
         values = {f.name: getattr(sample, f.name) for f in dataclasses.fields(sample) if f.name in _SETTING_NAMES}
         values.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**values)

@@ -225,7 +225,11 @@ def test_bad_requests_get_their_status(server, loaded):
         assert response.status_code == 401 and response.json()["error"]["code"] == code
         assert httpx.get(url + "/v1/models", headers=headers).status_code == 401
     # Health needs no key, and the server survived everything above.
-    assert httpx.get(url + "/health").json()["status"] == "ok"
+    health = httpx.get(url + "/health").json()
+    assert health["status"] == "ok"
+    # The weights held beside the plan's figure for them, within 15% (here on one CPU, exactly what was planned).
+    [(device, weights)] = health["weights_bytes"].items()
+    assert device == "cpu" and abs(weights["in_use"] - weights["planned"]) <= 0.15 * weights["planned"]
     assert httpx.post(url + "/v1/completions", json=ok, headers=auth).status_code == 200
 
 

@@ -199,7 +199,11 @@ def create_app(loaded: LoadedModel, plan: Plan, serve: ServeConfig | None = None
                         sample or loaded.config.sample)
     config = dataclasses.replace(loaded.config, serve=settings.serve)
     slots, slots_why = serving_slots(config, plan.inventory, plan.device, plan.decode_weights)
-    engine = Engine(Sampler(loaded.model, tokenizer, plan), slots, settings.serve.max_queue,
+    sampler = Sampler(loaded.model, tokenizer, plan)
+    # What the weights hold on each device, beside the plan's figure: fixed once the sampler has prepared its copies.
+    weights = {device: {"in_use": used, "planned": next((m.weights for m in plan.memory if m.device == device), 0)}
+               for device, used in plan.weights_in_use(loaded.model, sampler.decoder).items()}
+    engine = Engine(sampler, slots, settings.serve.max_queue,
                     batching=settings.serve.batching == "on")
     context = loaded.config.model.context_length
     limits = RequestLimits(settings.sample, settings.serve.max_tokens_limit, context, loaded.config.model.vocab_size,
@@ -281,7 +285,8 @@ def create_app(loaded: LoadedModel, plan: Plan, serve: ServeConfig | None = None
     async def health() -> dict[str, Any]:
         return {"status": "ok", "model": settings.model_name, "device": plan.device, "decode_weights": plan.decode_weights,
                 "in_flight": engine.in_flight, "capacity": engine.capacity, **engine.stats,
-                "slots": engine.slots, "slots_in_use": engine.slots_in_use, "batching": settings.serve.batching}
+                "slots": engine.slots, "slots_in_use": engine.slots_in_use, "batching": settings.serve.batching,
+                "weights_bytes": weights}
 
     @app.get("/metrics")
     async def prometheus(request: Request) -> Response:
