@@ -1288,7 +1288,7 @@ def memory_estimate(config: Config, device: str, micro_batch: int, dtype: str, t
     Weights stay fp32 (with AdamW's two fp32 moments when training); under autocast the
     matmul inputs and outputs saved for backward are 2 bytes, norms and RoPE products fp32.
     With ``checkpoint_every`` N, every N-th block keeps only its input and recomputes the rest in backward
-    (one block's full activations live at a time then); with ``offload`` the AdamW moments live in CPU RAM
+    (one block's activations and their gradients live at a time then); with ``offload`` the AdamW moments live in CPU RAM
     (``offload_estimate``).
     """
     model = planning_model(config)
@@ -1311,7 +1311,8 @@ def memory_estimate(config: Config, device: str, micro_batch: int, dtype: str, t
         if model.dropout > 0:
             per_token_layer += 2 * 2 * D  # int16 dropout noise of the two residual branches
         recomputed = len(range(0, L, checkpoint_every)) if checkpoint_every else 0
-        kept = (L - recomputed) * per_token_layer + recomputed * a * D + (per_token_layer if recomputed else 0)
+        # Backward through a recomputed block holds its activations and, while they are consumed, their gradients.
+        kept = (L - recomputed) * per_token_layer + recomputed * a * D + (2 * per_token_layer if recomputed else 0)
         activations = B * T * (kept + 4 * D * 4)
         if model.attention_dropout > 0 and kind != "cuda":
             activations += B * L * model.n_heads * T * T * 12  # off CUDA: three fp32 score-sized tensors kept for backward
