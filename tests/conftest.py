@@ -104,3 +104,12 @@ def tokenizer(tiny_data):
     from hetlm.tokenizer import Tokenizer
 
     return Tokenizer.load(tiny_data / "tokenizer.model")
+
+
+# One clear line on stderr and an exit code, no traceback: what every rejected command must give.
+def one_error(result, code: int) -> str:
+    assert result.code == code, result.err
+    assert "Traceback" not in result.err
+    errors = [line for line in result.err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, result.err
+    return errors[0]

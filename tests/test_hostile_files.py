@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import one_error
 from safetensors.torch import load_file, save_file
 
 from hetlm.config import load_config
@@ -19,14 +20,6 @@ from hetlm.errors import UsageError
 from hetlm.io import sha256_file
 from hetlm.model import Transformer
 from hetlm.store import BUNDLE_MANIFEST, MANIFEST, Checkpoint, RunDir, load_checkpoint, resolve
-
-
-def one_error(result, code: int) -> str:
-    assert result.code == code, result.err
-    assert "Traceback" not in result.err
-    errors = [line for line in result.err.splitlines() if line.startswith("error:")]
-    assert len(errors) == 1, result.err
-    return errors[0]
 
 
 def tiny(tmp_path: Path, **model):

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import one_error
 
 from hetlm.io import FileLock
 from hetlm.reporting import Reporter
@@ -33,14 +34,6 @@ def write_config(tmp_path: Path, data: Path, **train) -> Path:
     path = tmp_path / "tiny.yaml"
     path.write_text(yaml.safe_dump({**TINY, "train": {**TINY["train"], **train}, "data": {"dir": str(data)}}))
     return path
-
-
-def one_error(result, code: int) -> str:
-    assert result.code == code, result.err
-    assert "Traceback" not in result.err
-    errors = [line for line in result.err.splitlines() if line.startswith("error:")]
-    assert len(errors) == 1, result.err
-    return errors[0]
 
 
 def unwrapped(text: str) -> str:
