@@ -32,6 +32,7 @@ DTYPES = ("auto", "fp32", "bf16", "fp16")
 COMPILE_CHOICES = ("auto", "on", "off")
 QUANTIZE_CHOICES = ("none", "int8")
 OFFLOAD_CHOICES = ("auto", "off", "on")
+PARALLEL_CHOICES = ("auto", "ddp", "fsdp")
 SWITCH_CHOICES = ("on", "off")
 # serve.max_concurrency=auto takes at most this many slots, so a machine with memory for thousands still queues
 # requests instead of stretching every step over all of them.
@@ -159,7 +160,11 @@ class TrainConfig:
                 "auto: the least recomputation that lets the micro-batch fit")
     rank_shares: str = setting(
         "auto", "Under torchrun, each process's share of a step's sequences: auto (in proportion to each device's "
-                "predicted speed), equal, or weights such as 1,3")
+                "predicted speed), measure (timed on every process before the run), equal, or weights such as 1,3")
+    parallel: str = setting(
+        "auto", "Under torchrun: ddp (every process holds the whole model), fsdp (FSDP2 shards weights, gradients and "
+                "AdamW state over the processes), or auto: fsdp when they do not fit the smallest device under ddp",
+        PARALLEL_CHOICES)
     optimizer_offload: str = setting(
         "auto", "Keep the fp32 master weights and AdamW moments in CPU RAM and step them on the CPU while backward runs: "
                 "on, off, or auto: on when weights, gradients and AdamW state do not fit the device but fit RAM",
@@ -173,10 +178,11 @@ class TrainConfig:
         spacing = self.activation_checkpointing
         _check(spacing in ("auto", "none", "all") or (spacing.isdigit() and int(spacing) > 0),
                "train.activation_checkpointing must be auto, none, all or a positive N (every N-th block)")
+        _check(self.parallel in PARALLEL_CHOICES, f"train.parallel must be {_either(PARALLEL_CHOICES)}")
         _check(self.optimizer_offload in OFFLOAD_CHOICES, f"train.optimizer_offload must be {_either(OFFLOAD_CHOICES)}")
         weights = self.rank_shares.split(",")
-        _check(self.rank_shares in ("auto", "equal") or all(_positive_number(w) for w in weights),
-               "train.rank_shares must be auto, equal or positive weights such as 1,3")
+        _check(self.rank_shares in ("auto", "measure", "equal") or all(_positive_number(w) for w in weights),
+               "train.rank_shares must be auto, measure, equal or positive weights such as 1,3")
         _check(self.global_batch_tokens >= 0, "train.global_batch_tokens must be >= 0")
         _check(self.learning_rate > 0, "train.learning_rate must be positive")
         _check(0 <= self.min_lr <= self.learning_rate, "train.min_lr must be between 0 and train.learning_rate")

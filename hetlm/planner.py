@@ -461,6 +461,8 @@ class Plan:
     accumulation: int = 1
     checkpoint_every: int = 0
     optimizer_offload: bool = False
+    # Training under torchrun: "ddp" replicas or "fsdp" shards ("none" for one process).
+    parallel: str = "none"
 
     def physical(self, device: str) -> torch.device:
         """The torch device that runs the plan's ``device`` (itself unless device.alias maps it)."""
@@ -592,6 +594,12 @@ def _flops_per_token(model: ModelConfig) -> int:
     return _sizes(dataclasses.astuple(model))[1]
 
 
+def _root_parameters(model: ModelConfig) -> int:
+    """Parameters outside the blocks: the embedding (tied to the head or not) and the final norm."""
+    untied = 0 if model.tie_embeddings else model.vocab_size * model.d_model
+    return model.vocab_size * model.d_model + untied + model.d_model
+
+
 def make_plan(inventory: Inventory, config: Config, workload: str = "train", world_size: int = 1, local_rank: int = 0) -> Plan:
     """Decide where and how ``workload`` runs on ``inventory``; pure, so equal inputs give equal plans.
 
@@ -710,9 +718,6 @@ def make_plan(inventory: Inventory, config: Config, workload: str = "train", wor
             "parallelism", "one process",
             f"{n} CUDA devices: run `torchrun --nproc_per_node {n} -m hetlm train ...` for data parallel training on all",
         ))
-    elif world_size > 1:
-        backend = "NCCL" if kind == "cuda" else "gloo"
-        decisions.append(Decision("parallelism", f"DDP x{world_size} ({backend})", f"torchrun started {world_size} processes"))
 
     decode_rate = prefill_rate = 0.0
     if inference:
@@ -758,6 +763,7 @@ def make_plan(inventory: Inventory, config: Config, workload: str = "train", wor
         accumulation=accumulation,
         checkpoint_every=fit.checkpoint_every if fit is not None else 0,
         optimizer_offload=fit.offload if fit is not None else False,
+        parallel=fit.parallel if fit is not None else "none",
     )
 
 
@@ -770,6 +776,8 @@ class TrainingFit:
     offload: bool
     memory: tuple[MemoryEstimate, ...]
     plain: MemoryEstimate
+    # "none" (one process), "ddp" or "fsdp".
+    parallel: str = "none"
 
 
 def _global_sequences(config: Config, world_size: int) -> int:
@@ -805,10 +813,11 @@ def _fit_training(config: Config, inventory: Inventory, device: str, dtype: str,
     speculative = tc.grad_clip > 0
     offload_ram = offload_estimate(config, ram, speculative)
 
-    def choose(offload: bool) -> tuple[int, int, MemoryEstimate]:
-        """Micro-batch and checkpoint spacing with the least recomputation that fits, with or without offload."""
+    def choose(offload: bool, shards: int = 1) -> tuple[int, int, MemoryEstimate]:
+        """Micro-batch and checkpoint spacing with the least recomputation that fits, with or without offload, the
+        training state whole or sharded over ``shards`` processes."""
         def estimate(micro: int, spacing: int) -> MemoryEstimate:
-            return memory_estimate(config, device, micro, dtype, True, available, spacing, offload)
+            return memory_estimate(config, device, micro, dtype, True, available, spacing, offload, shards)
 
         if tc.micro_batch_size:
             micro = tc.micro_batch_size
@@ -816,7 +825,7 @@ def _fit_training(config: Config, inventory: Inventory, device: str, dtype: str,
         else:
             micro, spacing = 0, options[-1]
             for n in options:
-                micro = largest_micro_batch(config, device, dtype, True, available, sequences, n, offload)
+                micro = largest_micro_batch(config, device, dtype, True, available, sequences, n, offload, shards)
                 if micro:
                     spacing = n
                     break
@@ -828,6 +837,16 @@ def _fit_training(config: Config, inventory: Inventory, device: str, dtype: str,
         return micro, spacing, estimate(micro, spacing)
 
     micro, spacing, chosen = choose(False)
+    parallel, why_parallel = _choose_parallel(tc.parallel, world_size, chosen.fits, device)
+    if parallel == "fsdp":
+        micro, spacing, sharded = choose(False, world_size)
+        if tc.parallel == "auto" and not sharded.fits:
+            parallel, why_parallel = "ddp", f"the training state does not fit {device} sharded over {world_size} either"
+        else:
+            chosen = sharded
+    shards = world_size if parallel == "fsdp" else 1
+    if parallel == "ddp":
+        micro, spacing, chosen = choose(False)
     if tc.optimizer_offload == "on":
         offload, why_offload = True, "set by train.optimizer_offload"
     elif tc.optimizer_offload == "off" or kind == "cpu":
@@ -835,7 +854,10 @@ def _fit_training(config: Config, inventory: Inventory, device: str, dtype: str,
         why_offload = "set by train.optimizer_offload" if tc.optimizer_offload == "off" else \
             "training runs on the CPU: its RAM already holds the optimizer state"
     elif chosen.fits:
-        offload, why_offload = False, f"weights, gradients, AdamW state and activations fit {device}"
+        offload, why_offload = False, f"weights, gradients, AdamW state and activations fit {device}" + (
+            f" once sharded over {world_size} processes" if shards > 1 else "")
+    elif world_size > 1:
+        offload, why_offload = False, "the optimizer offload runs in a single process; under torchrun FSDP2 shards instead"
     else:
         offload = offload_ram.fits and choose(True)[2].fits
         why_offload = (f"training does not fit {device} even with activation checkpointing, but fits once the AdamW "
@@ -846,7 +868,7 @@ def _fit_training(config: Config, inventory: Inventory, device: str, dtype: str,
             raise UsageError("train.optimizer_offload does not work with fp16's gradient scaler; use bf16 or fp32")
         micro, spacing, chosen = choose(True)
     accumulation = max(1, math.ceil(sequences / micro)) if tc.global_batch_tokens or not tc.micro_batch_size else 1
-    plain = memory_estimate(config, device, micro, dtype, True, available)
+    plain = memory_estimate(config, device, micro, dtype, True, available, shards=shards)
     how = "set by train.micro_batch_size" if tc.micro_batch_size else (
         f"the largest that fits, up to the {sequences} sequences of a step")
     decisions.append(Decision("micro-batch", f"{micro} x {accumulation} accumulation", how))
@@ -862,8 +884,27 @@ def _fit_training(config: Config, inventory: Inventory, device: str, dtype: str,
                                   "set by train.activation_checkpointing" if wanted != "auto" else
                                   "activations fit without recomputation"))
     decisions.append(Decision("optimizer offload", "on" if offload else "off", why_offload))
+    if world_size > 1:
+        decisions.append(Decision("parallelism", f"{parallel.upper()} x{world_size} "
+                                  f"({'NCCL' if kind == 'cuda' else 'gloo'})", why_parallel))
     memory = (chosen, offload_ram) if offload else (chosen,)
-    return TrainingFit(micro, accumulation, spacing, offload, memory, plain)
+    return TrainingFit(micro, accumulation, spacing, offload, memory, plain, parallel)
+
+
+def _choose_parallel(wanted: str, world_size: int, whole_fits: bool, device: str) -> tuple[str, str]:
+    """How torchrun's processes share the model: none alone, else DDP replicas or FSDP2 shards."""
+    if world_size == 1:
+        if wanted == "fsdp":
+            raise UsageError("train.parallel=fsdp shards the model over processes started by torchrun (or shown by "
+                             "`hetlm plan --nproc N`): one process has nothing to shard over; use auto or ddp")
+        return "none", "one process"
+    if wanted != "auto":
+        return wanted, f"set by train.parallel; torchrun started {world_size} processes"
+    if whole_fits:
+        return "ddp", (f"torchrun started {world_size} processes and each holds the whole training state on {device}; "
+                       "replicas need one gradient all-reduce per step and no gathers")
+    return "fsdp", (f"weights, gradients and AdamW state do not fit {device} whole: FSDP2 shards them over the "
+                    f"{world_size} processes and gathers each block as it runs")
 
 
 def rank_shares(sequences: int, weights: list[float]) -> list[int]:
@@ -1282,14 +1323,17 @@ def _available_memory(inventory: Inventory, kind: str, cuda: CudaDevice | None, 
 
 
 def memory_estimate(config: Config, device: str, micro_batch: int, dtype: str, training: bool, available: int,
-                    checkpoint_every: int = 0, offload: bool = False) -> MemoryEstimate:
+                    checkpoint_every: int = 0, offload: bool = False, shards: int = 1) -> MemoryEstimate:
     """Bytes one process needs on ``device`` at ``micro_batch`` sequences, against ``available``.
 
     Weights stay fp32 (with AdamW's two fp32 moments when training); under autocast the
     matmul inputs and outputs saved for backward are 2 bytes, norms and RoPE products fp32.
     With ``checkpoint_every`` N, every N-th block keeps only its input and recomputes the rest in backward
     (one block's activations and their gradients live at a time then); with ``offload`` the AdamW moments live in CPU RAM
-    (``offload_estimate``).
+    (``offload_estimate``). With ``shards`` > 1 (FSDP2) each process keeps 1/shards of the weights, gradients and
+    moments, plus what a step gathers whole: the root's parameters (embedding, final norm, head) for the whole pass,
+    and two blocks at a time (the one computing and the one prefetched), with their gradients before the
+    reduce-scatter.
     """
     model = planning_model(config)
     kind = device.split(":")[0]
@@ -1302,6 +1346,12 @@ def memory_estimate(config: Config, device: str, micro_batch: int, dtype: str, t
     weights = (a if offload else 4) * params
     gradients = (a if offload else 4) * params if training else 0
     optimizer = 8 * params if training and not offload else 0
+    gathered = 0
+    if shards > 1:
+        block = (params - _root_parameters(model)) // L
+        weights, gradients, optimizer = weights // shards, gradients // shards, optimizer // shards
+        # Gathered in the compute dtype (MixedPrecisionPolicy), their gradients reduced in fp32.
+        gathered = (a + 4) * (_root_parameters(model) + 2 * block)
     if training:
         # Per token and layer: two RMSNorms keep ~3 fp32 tensors each, RoPE two fp32 products,
         # the projections their inputs/outputs, SwiGLU four F-wide tensors.
@@ -1324,8 +1374,8 @@ def memory_estimate(config: Config, device: str, micro_batch: int, dtype: str, t
         activations = cache + B * T * (4 * D + 3 * F) * a
         logits = B * T * V * (a + 4)
     # Autocast keeps a low-precision copy of each fp32 weight it casts; offloaded weights already are low precision.
-    casts = 2 * params if low and not offload else 0
-    overhead = RUNTIME_OVERHEAD[kind] + casts + int(FRAGMENTATION * (activations + logits))
+    casts = 2 * params if low and not offload and shards == 1 else 0
+    overhead = RUNTIME_OVERHEAD[kind] + casts + gathered + int(FRAGMENTATION * (activations + logits))
     total = weights + gradients + optimizer + activations + logits + overhead
     return MemoryEstimate(
         device, weights, gradients, optimizer, activations, logits, overhead, total, available, fits=total <= available
@@ -1343,12 +1393,12 @@ def offload_estimate(config: Config, available: int, speculative: bool) -> Memor
 
 
 def largest_micro_batch(config: Config, device: str, dtype: str, training: bool, available: int, upper: int,
-                        checkpoint_every: int = 0, offload: bool = False) -> int:
+                        checkpoint_every: int = 0, offload: bool = False, shards: int = 1) -> int:
     """The largest micro-batch in [1, upper] whose estimate fits ``available`` (0 when none does)."""
     low, high = 0, upper
     while low < high:
         mid = (low + high + 1) // 2
-        if memory_estimate(config, device, mid, dtype, training, available, checkpoint_every, offload).fits:
+        if memory_estimate(config, device, mid, dtype, training, available, checkpoint_every, offload, shards).fits:
             low = mid
         else:
             high = mid - 1
@@ -1370,8 +1420,9 @@ def _memory_decision(
         return Decision("memory", "fits", f"about {need} of {have} available on {estimate.device}{plain}")
     batch_key = "train.micro_batch_size" if training else "eval.batch_size"
     spacing, offload = (fit.checkpoint_every, fit.offload) if fit is not None else (0, False)
+    shards = world_size if fit is not None and fit.parallel == "fsdp" else 1
     best = largest_micro_batch(config, estimate.device, dtype, training, estimate.available, micro_batch - 1, spacing,
-                               offload)
+                               offload, shards)
     if best == 0:
         return Decision("memory", "does not fit", (
             f"needs about {need} but {estimate.device} has {have}, even at {batch_key}=1: "

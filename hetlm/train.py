@@ -30,7 +30,6 @@ from typing import Any
 import numpy as np
 import torch
 import torch.distributed as tdist
-from torch.nn.parallel import DistributedDataParallel
 
 from hetlm.build import InitSource, build_run, check_compatible, config_changes, default_run_dir, resolve_config
 from hetlm.config import Config, TrainConfig, parse_duration
@@ -41,6 +40,8 @@ from hetlm.io import disk_full_errors
 from hetlm.metrics import MetricsLog, eval_record, finite, plot_losses
 from hetlm.model import flops_per_token
 from hetlm.offload import OptimizerOffload
+from hetlm.parallel import (full_optimizer_state, full_weights, global_norm, load_sharded_optimizer_state, replicate,
+                            shard)
 from hetlm.planner import Plan, rank_shares
 from hetlm.reporting import NullReporter, Reporter
 from hetlm.store import Checkpoint, DataFolder, RunDir, resolve
@@ -54,6 +55,8 @@ EXIT_CODES = {"SIGINT": 130, "SIGTERM": 143}
 # Fitting the schedule to train.max_time: skip the first steps (compilation), then time at least
 # FIT_MIN_STEPS steps over max(FIT_MIN_SECONDS, FIT_FRACTION of the budget) while the rate is still near its peak.
 FIT_SKIP, FIT_MIN_STEPS, FIT_MIN_SECONDS, FIT_FRACTION = 5, 5, 1.0, 0.1
+# train.rank_shares=measure: untimed forward/backward passes (allocator and kernel warm-up), then timed ones.
+MEASURE_WARMUP, MEASURE_STEPS = 1, 3
 
 
 # --- pure pieces -----------------------------------------------------------------------------------
@@ -162,18 +165,19 @@ def fit_decay_steps(step: int, seconds_per_step: float, seconds_left: float, tra
     return max(step + 1, min(train.max_steps, step + int(seconds_left / seconds_per_step)))
 
 
-def make_optimizer(named_parameters: Any, train: TrainConfig, device: torch.device) -> torch.optim.AdamW:
-    """AdamW without weight decay on norms and embeddings; the fused kernel where torch has one for ``device``."""
+def make_optimizer(named_parameters: Any, train: TrainConfig, device: torch.device, fused: bool = True) -> torch.optim.AdamW:
+    """AdamW without weight decay on norms and embeddings; the fused kernel where torch has one for ``device``
+    (unless ``fused`` is off: FSDP2's sharded parameters take the foreach kernel)."""
     decay, no_decay = [], []
     for name, param in named_parameters:
         if param.requires_grad:
             (no_decay if param.ndim < 2 or "embed_tokens" in name else decay).append(param)
     groups = [{"params": decay, "weight_decay": train.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     kwargs = {"lr": train.learning_rate, "betas": (train.beta1, train.beta2)}
-    try:
-        return torch.optim.AdamW(groups, fused=True, **kwargs)
-    except (RuntimeError, ValueError):
-        return torch.optim.AdamW(groups, foreach=True, **kwargs)
+    if fused:
+        with contextlib.suppress(RuntimeError, ValueError):
+            return torch.optim.AdamW(groups, fused=True, **kwargs)
+    return torch.optim.AdamW(groups, foreach=True, **kwargs)
 
 
 @torch.no_grad()
@@ -196,13 +200,19 @@ class TrainStep:
 
     A step whose loss or gradient norm is not finite changes no weights and counts as bad. Loss and
     bad-step counters stay on the device until ``read``, so a step never waits for the host.
-    ``step_model`` is what runs the forward pass (the model, or its DDP wrapper).
+    ``step_model`` is what runs the forward pass (the model, or its DDP wrapper). ``reduce_scale`` cancels the
+    gradient reduction's mean: the world size under DDP, 1 where the reduction sums (FSDP2, one process).
+
+    A step called with ``timed`` measures this process's busy time (``busy_s``): its wall time less what it
+    waited for the others, taken at a barrier before its last backward pass, where a process with a smaller
+    share would otherwise wait inside the gradient reduction. It costs a device sync and one tiny collective,
+    so the trainer times only the steps it logs.
     """
 
     def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, plan: Plan,
                  train: TrainConfig, accumulation: int = 1, step_model: torch.nn.Module | None = None, ddp: Any = None,
                  world_size: int = 1, offload: OptimizerOffload | None = None, micro_sizes: list[int] | None = None,
-                 step_sequences: int | None = None) -> None:
+                 step_sequences: int | None = None, reduce_scale: int | None = None, control: Any = None) -> None:
         self.model, self.optimizer, self.scaler, self.plan, self.train = model, optimizer, scaler, plan, train
         # This process's micro-batches (sequences each) and the sequences of the whole step across processes.
         self.micro_sizes = micro_sizes or [0] * accumulation
@@ -212,6 +222,9 @@ class TrainStep:
         self.step_model = step_model if step_model is not None else model
         self.ddp = ddp
         self.world_size = world_size
+        self.reduce_scale = world_size if reduce_scale is None else reduce_scale
+        self.control = control
+        self.busy_s = 0.0
         self.fused = bool(optimizer.param_groups[0].get("fused"))
         device = next(model.parameters()).device
         self.loss_sum = torch.zeros((), device=device)
@@ -220,11 +233,15 @@ class TrainStep:
         self.bad_run = torch.zeros((), device=device)
         self.bad_worst = torch.zeros((), device=device)
 
-    def __call__(self, lr: float, batches: Any) -> None:
+    def __call__(self, lr: float, batches: Any, timed: bool = False) -> None:
         """Make one update at learning rate ``lr`` from ``accumulation`` batches of windows (B, T + 1)."""
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         step_loss = torch.zeros_like(self.loss_sum)
+        waited = 0.0
+        if timed:
+            _wait(self.loss_sum.device)
+            began = time.monotonic()
         for micro in range(self.accumulation):
             x, y = split_inputs_targets(next(batches))
             last = micro == self.accumulation - 1
@@ -238,8 +255,15 @@ class TrainStep:
             with sync:
                 with self.plan.autocast():
                     _, loss = self.step_model(x, y)
+                if timed and last and self.world_size > 1:
+                    # After the forward pass: DDP's first bucket rebuild and FSDP2's gathers are collectives there,
+                    # which every process must reach in the same order as this one.
+                    _wait(self.loss_sum.device)
+                    arrived = time.monotonic()
+                    tdist.all_reduce(torch.zeros(1), group=self.control)
+                    waited = time.monotonic() - arrived
                 step_loss += loss.detach() * share
-                self.scaler.scale(loss * (share * self.world_size)).backward()
+                self.scaler.scale(loss * (share * self.reduce_scale)).backward()
         if self.world_size > 1:
             # The global mean loss: every rank then takes the same skip decision and logs the same figure.
             tdist.all_reduce(step_loss)
@@ -256,10 +280,14 @@ class TrainStep:
         self.bad_new += badf
         self.bad_run.mul_(badf).add_(badf)
         torch.maximum(self.bad_worst, self.bad_run, out=self.bad_worst)
+        if timed:
+            _wait(self.loss_sum.device)
+            self.busy_s = time.monotonic() - began - waited
 
     def _step_on_device(self, step_loss: torch.Tensor) -> torch.Tensor:
         self.scaler.unscale_(self.optimizer)
-        norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.train.grad_clip or math.inf, foreach=True)
+        norm = global_norm(torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.train.grad_clip or math.inf,
+                                                          foreach=True))
         bad = ~(torch.isfinite(step_loss) & torch.isfinite(norm))
         if self.scaler.is_enabled():
             # The scaler skips steps with non-finite gradients itself (and lowers its scale).
@@ -432,6 +460,9 @@ class TrainResult:
     best_val_loss: float | None = None
     checkpoint: Path | None = None
     outputs: dict[str, Path] = field(default_factory=dict)
+    # Under torchrun: each process's sequences per step and its busy seconds in the last timed step.
+    shares: list[int] | None = None
+    rank_step_s: list[float] | None = None
 
 
 @dataclass
@@ -527,12 +558,17 @@ class Trainer:
         # The step's sequences across processes, this process's slice of them, and its micro-batches.
         self.step_sequences = max(procs.world_size, round(tc.global_batch_tokens / T)) if tc.global_batch_tokens else \
             plan.accumulation * plan.micro_batch_size * procs.world_size
-        self.shares = self._shares()
-        offset, share = sum(self.shares[: procs.rank]), self.shares[procs.rank]
-        self.take = (offset, share)
-        micro = min(self.micro_batch, share)
-        self.micro_sizes = [micro] * (share // micro) + ([share % micro] if share % micro else [])
-        self.accumulation = len(self.micro_sizes)
+        # Every process learns every other's device once, so all of them compute the same layout.
+        self.peers = self._gather({"peak_flops": plan.peak_flops, "micro_batch": self.micro_batch,
+                                   "parallel": plan.parallel})
+        # One process that needs shards makes all of them shard: sharding only lowers what each one holds.
+        self.parallel = "fsdp" if any(p["parallel"] == "fsdp" for p in self.peers) else plan.parallel
+        if self.parallel == "fsdp" and plan.grad_scaler:
+            raise UsageError("fp16's gradient scaler is not combined with FSDP2 here: set device.dtype=bf16 or fp32")
+        if self.parallel == "fsdp" and tc.rank_shares == "measure":
+            raise UsageError("train.rank_shares=measure times each process on the whole model, which FSDP2 exists not "
+                             "to hold: give the shares as weights (such as 1,3), or auto")
+        self._lay_out(self._weights())
         self.tokens_per_step = self.step_sequences * T
 
         # Before the run is touched: a split too short for training rejects the command with nothing removed.
@@ -541,11 +577,19 @@ class Trainer:
         self.loaded_from, saved = self._prepare_run(resume, held)
         check_compatible(self.loaded_from, self.config, self.data, self.run_dir.path)
         self.model = self.loaded_from.model(self.device).train()
+        plan.prepare_model(self.model)
+        if tc.rank_shares == "measure" and procs.distributed:
+            self._lay_out(self._gather(self._measure_speed()), measured=True)
+        if self.parallel == "fsdp":
+            if plan.compile:
+                # Compiled before sharding, so FSDP2's hooks stay outside the compiled blocks (as torchtitan orders it).
+                self.model.compile_blocks()
+            shard(self.model, plan.autocast_dtype)
         compute = plan.autocast_dtype or torch.float32
         self.offload = OptimizerOffload(self.model, tc, make_optimizer, speculative=tc.grad_clip > 0,
                                         compute_dtype=compute) if plan.optimizer_offload else None
         self.optimizer = self.offload.optimizer if self.offload is not None else \
-            make_optimizer(self.model.named_parameters(), tc, self.device)
+            make_optimizer(self.model.named_parameters(), tc, self.device, fused=self.parallel != "fsdp")
         self.fused = bool(self.optimizer.param_groups[0].get("fused"))
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=bool(plan.grad_scaler))
         self.generator = torch.Generator()
@@ -567,41 +611,95 @@ class Trainer:
             self.run_dir.save_config(self.config)
             if self.changes:
                 self.run_dir.record_changes(self.state.step, self.changes)
-        plan.prepare_model(self.model)
-        self.ddp: DistributedDataParallel | None = None
-        if procs.distributed:
-            ids = [self.device.index] if self.device.type == "cuda" else None
-            self.ddp = DistributedDataParallel(self.model, device_ids=ids)
-        if plan.compile:
+        self.ddp = replicate(self.model, self.device) if self.parallel == "ddp" else None
+        if plan.compile and self.parallel != "fsdp":
             self.model.compile_blocks()
         self.stepper = TrainStep(self.model, self.optimizer, self.scaler, plan, tc, self.accumulation, offload=self.offload,
                                  micro_sizes=self.micro_sizes, step_sequences=self.step_sequences,
                                  step_model=self.ddp if self.ddp is not None else self.model, ddp=self.ddp,
-                                 world_size=procs.world_size)
+                                 world_size=procs.world_size, reduce_scale=procs.world_size if self.ddp else 1,
+                                 control=procs.control)
         # Started by ``run``: the loader's thread draws from the generator from then on.
         self.loader: PrefetchLoader | None = None
+        self.rank_step_s: list[float] | None = None
 
     def close(self) -> None:
         if self.offload is not None:
             self.offload.close()
 
-    def _shares(self) -> list[int]:
-        """Each process's sequences of a step: by the devices' predicted speed, equally, or by given weights."""
+    def _gather(self, mine: Any) -> list[Any]:
+        """Every process's ``mine``, in rank order."""
+        if not self.procs.distributed:
+            return [mine]
+        everyone: list[Any] = [None] * self.procs.world_size
+        tdist.all_gather_object(everyone, mine, group=self.procs.control)
+        return everyone
+
+    def _weights(self) -> list[float]:
+        """Each process's weight in the step: its device's predicted speed, equal, or as given (measure starts
+        from the prediction and is replaced once the model can be timed)."""
         tc, world = self.train_cfg, self.procs.world_size
-        if world == 1:
-            return [self.step_sequences]
-        if tc.rank_shares == "equal":
-            weights = [1.0] * world
-        elif tc.rank_shares == "auto":
-            # Every process learns every other's device once, so all of them compute the same split.
-            speeds: list[Any] = [None] * world
-            tdist.all_gather_object(speeds, self.plan.peak_flops, group=self.procs.control)
-            weights = [float(speed) for speed in speeds]
+        if tc.rank_shares == "equal" or world == 1:
+            return [1.0] * world
+        if tc.rank_shares in ("auto", "measure"):
+            return [float(peer["peak_flops"]) for peer in self.peers]
+        weights = [float(w) for w in tc.rank_shares.split(",")]
+        if len(weights) != world:
+            raise UsageError(f"train.rank_shares gives {len(weights)} weights for {world} processes")
+        return weights
+
+    def _lay_out(self, weights: list[float], measured: bool = False) -> None:
+        """This process's slice of each step and its micro-batches, from every process's weight.
+
+        Under DDP each process cuts its share into micro-batches as large as its plan allows, however many
+        that makes. FSDP2 gathers weights and reduces gradients in every micro-batch, a collective all
+        processes must enter alike, so there every process takes the same number of micro-batches, each
+        within its own plan's size.
+        """
+        world = self.procs.world_size
+        self.shares = rank_shares(self.step_sequences, weights) if world > 1 else [self.step_sequences]
+        if measured:
+            self.reporter.info("train.rank_shares=measure: " + ", ".join(
+                f"rank {r} {w:.3g} sequences/s" for r, w in enumerate(weights)) + " -> shares "
+                + "/".join(map(str, self.shares)))
+        counts = [math.ceil(share / min(peer["micro_batch"], share)) for share, peer in zip(self.shares, self.peers)]
+        rank, share = self.procs.rank, self.shares[self.procs.rank]
+        self.take = (sum(self.shares[:rank]), share)
+        if self.parallel == "fsdp":
+            count = max(counts)
+            if min(self.shares) < count:
+                raise UsageError(
+                    f"FSDP2 needs the same number of micro-batches ({count}) on every process, but a share of "
+                    f"{min(self.shares)} sequences cannot make that many: raise train.global_batch_tokens, or give "
+                    "train.rank_shares closer weights")
+            self.micro_sizes = [share // count + (1 if i < share % count else 0) for i in range(count)]
         else:
-            weights = [float(w) for w in tc.rank_shares.split(",")]
-            if len(weights) != world:
-                raise UsageError(f"train.rank_shares gives {len(weights)} weights for {world} processes")
-        return rank_shares(self.step_sequences, weights)
+            micro = min(self.micro_batch, share)
+            self.micro_sizes = [micro] * (share // micro) + ([share % micro] if share % micro else [])
+        self.accumulation = len(self.micro_sizes)
+
+    def _measure_speed(self) -> float:
+        """Sequences per second of this process's forward and backward at its micro-batch, on random tokens.
+
+        Timed before the run on the bare model, inside a forked RNG, so that nothing it draws reaches training.
+        """
+        T, vocab = self.config.model.context_length, self.config.model.vocab_size
+        micro = self.micro_sizes[0]
+        windows = torch.randint(0, vocab, (micro, T + 1), generator=torch.Generator().manual_seed(0)).to(self.device)
+        x, y = split_inputs_targets(windows)
+        devices = [self.device] if self.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):
+            for repeat in range(MEASURE_WARMUP + MEASURE_STEPS):
+                if repeat == MEASURE_WARMUP:
+                    _wait(self.device)
+                    began = time.monotonic()
+                with self.plan.autocast():
+                    _, loss = self.model(x, y)
+                loss.backward()
+            _wait(self.device)
+            seconds = time.monotonic() - began
+        self.model.zero_grad(set_to_none=True)
+        return MEASURE_STEPS * micro / seconds
 
     # -- setup
 
@@ -667,7 +765,8 @@ class Trainer:
             gathered = [ranks]
         self.state.ranks = gathered
         self.state.scaler = self.scaler.state_dict()
-        return {"format": STATE_FORMAT, **self.state.state_dict(), "optimizer": self.optimizer.state_dict()}
+        optimizer = full_optimizer_state(self.optimizer) if self.parallel == "fsdp" else self.optimizer.state_dict()
+        return {"format": STATE_FORMAT, **self.state.state_dict(), "optimizer": optimizer}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         saved_world = state.get("world_size", 1)
@@ -679,7 +778,10 @@ class Trainer:
                 f"{self.procs.world_size}: dropout's random numbers cannot continue exactly on another layout; resume "
                 f"with torchrun --nproc_per_node {saved_world}, or start a new run with --out"
             )
-        self.optimizer.load_state_dict(state["optimizer"])
+        if self.parallel == "fsdp":
+            load_sharded_optimizer_state(self.optimizer, state["optimizer"])
+        else:
+            self.optimizer.load_state_dict(state["optimizer"])
         for group, decay in zip(self.optimizer.param_groups, (self.train_cfg.weight_decay, 0.0), strict=True):
             # Hyperparameters come from this invocation's config, the moments from the checkpoint.
             group.update(betas=(self.train_cfg.beta1, self.train_cfg.beta2), weight_decay=decay,
@@ -743,7 +845,8 @@ class Trainer:
         self.reporter.info(
             f"training {self.run_dir.path} from step {state.step} ({self.loaded_from.path.name}) to {tc.max_steps}: "
             f"{self.tokens_per_step:,} tokens per step ("
-            + (f"{procs.world_size} processes, shares {'/'.join(map(str, self.shares))} sequences, this one "
+            + (f"{procs.world_size} processes, {'FSDP2' if self.parallel == 'fsdp' else 'DDP'}, shares "
+               f"{'/'.join(map(str, self.shares))} sequences, this one "
                if procs.distributed else "")
             + f"{' + '.join(map(str, self.micro_sizes))} sequences x {T}"
             + f"), AdamW {'fused' if self.fused else 'foreach'}, {self.plan.dtype} on {self.device}"
@@ -791,7 +894,8 @@ class Trainer:
             elapsed_s=time.monotonic() - started, tokens_per_s=trained / step_seconds if step_seconds > 0 else 0.0,
             stopped_by=stopped_by, exit_code=code, bad_steps=state.bad_steps, train_loss=train_loss, eval=last_eval,
             best_step=state.best[1] if state.best else None, best_val_loss=state.best[0] if state.best else None,
-            checkpoint=checkpoint,
+            checkpoint=checkpoint, shares=self.shares if self.procs.distributed else None,
+            rank_step_s=self.rank_step_s,
         )
 
     def _loop(self, records: MetricsLog, stop: _StopFlag, started: float) -> _LoopEnd:
@@ -806,7 +910,9 @@ class Trainer:
         fitting = self.max_time is not None and not tc.decay_steps and not self._fitted_end()
         fit_from: tuple[int, float] | None = None
         while True:
-            self.stepper(learning_rate_at(state.step, tc, state.fitted_steps, state.segments), self.loader)
+            # The logged steps measure each process's busy time, so a user sees whether the shares balance.
+            timed = procs.distributed and (state.step + 1) % tc.log_every == 0
+            self.stepper(learning_rate_at(state.step, tc, state.fitted_steps, state.segments), self.loader, timed)
             state.step += 1
             if fitting:
                 fit_from, fitting = self._fit_schedule(fit_from, started)
@@ -829,6 +935,8 @@ class Trainer:
                 }
                 if self.plan.peak_flops:
                     record["mfu"] = rate / procs.world_size * fpt / self.plan.peak_flops
+                if procs.distributed:
+                    self.rank_step_s = record["rank_step_s"] = self._gather(self.stepper.busy_s)
                 records.write(record)
                 self.reporter.metrics("train", record)
                 self.reporter.advance("train", state.step - last_log_step)
@@ -836,15 +944,19 @@ class Trainer:
             paused = time.monotonic()
             want_checkpoint = state.step % tc.checkpoint_every == 0 or final
             want_eval = state.step % tc.eval_every == 0 or want_checkpoint
-            if procs.main and self.val_windows is not None and want_eval and evaluated_at != state.step:
+            # Under FSDP2 a forward pass gathers weights from every process, so all of them evaluate and sample.
+            scoring = procs.main or self.parallel == "fsdp"
+            if scoring and self.val_windows is not None and want_eval and evaluated_at != state.step:
                 last_eval = self._evaluate()
                 evaluated_at = state.step
                 records.write(last_eval)
-                self.reporter.metrics("eval", last_eval)
-            if procs.main and tc.sample_every and state.step % tc.sample_every == 0:
+                if procs.main:
+                    self.reporter.metrics("eval", last_eval)
+            if scoring and tc.sample_every and state.step % tc.sample_every == 0:
                 sample = self._sample()
                 records.write(sample)
-                self.reporter.info(f"sample at step {state.step}: {sample['prompt']}{sample['text']}")
+                if procs.main:
+                    self.reporter.info(f"sample at step {state.step}: {sample['prompt']}{sample['text']}")
             if want_checkpoint and checkpointed_at != state.step:
                 if state.step % tc.log_every:
                     self._sync_counters(keep=True)
@@ -964,6 +1076,8 @@ class Trainer:
 
     def _save(self, last_eval: dict | None) -> Path | None:
         state = self.state_dict()
+        weights = full_weights(self.model) if self.parallel == "fsdp" else (
+            self.offload.weights() if self.offload is not None else None)
         if not self.procs.main:
             return None
         info: dict[str, Any] = {"step": self.state.step, "tokens": self.state.tokens}
@@ -973,8 +1087,7 @@ class Trainer:
         if last_eval is not None:
             info.update({k: v for k, v in finite(last_eval).items() if k.startswith("val_")})
         checkpoint = Checkpoint.write(self.run_dir.checkpoint_path(self.state.step), self.model, self.config,
-                                      self.data.tokenizer_path, state, info,
-                                      weights=self.offload.weights() if self.offload is not None else None)
+                                      self.data.tokenizer_path, state, info, weights=weights)
         self.run_dir.prune(self.train_cfg.keep_last)
         return checkpoint.path
 

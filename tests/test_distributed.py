@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -14,6 +15,7 @@ import yaml
 from safetensors.torch import load_file
 
 from hetlm.store import RunDir
+from conftest import one_error
 
 CONFIG = {
     "model": {"n_layers": 1, "d_model": 32, "n_heads": 2, "context_length": 32},
@@ -38,10 +40,10 @@ def metrics(run: Path, kind: str) -> list[dict]:
     return [r for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if r["kind"] == kind]
 
 
-def torchrun(config, run, *args, cwd, nproc=2):
+def torchrun(config, run, *args, cwd, nproc=2, env=None):
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
                "-m", "hetlm", "train", "--config", str(config), "--out", str(run), *args]
-    return subprocess.run(command, cwd=cwd, capture_output=True, text=True, timeout=600)
+    return subprocess.run(command, cwd=cwd, capture_output=True, text=True, timeout=600, env={**os.environ, **(env or {})})
 
 
 @pytest.fixture(autouse=True)
@@ -62,7 +64,7 @@ def test_two_gloo_processes_follow_the_single_process_curve(cli, tiny_data, tmp_
     second = torchrun(config, ddp, cwd=tmp_path)
     assert second.returncode == 0, second.stderr[-3000:]
     assert "from step 15" in second.stderr
-    assert "2 processes, shares" in " ".join(second.stderr.split())
+    assert "2 processes, DDP, shares" in " ".join(second.stderr.split())
 
     single = tmp_path / "single"
     assert cli("train", "--config", config, "--out", single).code == 0
@@ -96,15 +98,17 @@ def weights(run: Path) -> dict[str, torch.Tensor]:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize(("nproc", "shares"), [(2, "1,3"), (3, "1,1,2")])
-def test_uneven_shares_give_the_single_process_weights(cli, tiny_data, tmp_path, nproc, shares):
-    # 12 sequences a step: one process accumulates 3 x 4; the processes split them 3/9 or 3/3/6.
-    changes = {"global_batch_tokens": 384, "max_steps": 8, "eval_every": 100, "checkpoint_every": 8, "log_every": 1,
-               "rank_shares": shares}
+@pytest.mark.parametrize(("nproc", "shares", "parallel"),
+                         [(2, "1,3", "ddp"), (3, "1,1,2", "ddp"), (2, "1,1", "fsdp"), (2, "1,3", "fsdp")])
+def test_uneven_shares_give_the_single_process_weights(cli, tiny_data, tmp_path, nproc, shares, parallel):
+    # 12 sequences a step: one process accumulates 3 x 4; the processes split them 3/9 or 3/3/6 (FSDP2: 1+1+1 and
+    # 3+3+3, the same number of micro-batches everywhere).
+    changes = {"global_batch_tokens": 384, "max_steps": 8, "eval_every": 4, "checkpoint_every": 8, "log_every": 1,
+               "rank_shares": shares, "parallel": parallel}
     path = tmp_path / "uneven.yaml"
     path.write_text(yaml.safe_dump({**CONFIG, "train": {**CONFIG["train"], **changes}, "data": {"dir": str(tiny_data)}}))
     single = tmp_path / "single"
-    assert cli("train", "--config", path, "--out", single).code == 0
+    assert cli("train", "--config", path, "--out", single, "--set", "train.parallel=auto").code == 0
     uneven = tmp_path / "uneven"
     result = torchrun(path, uneven, cwd=tmp_path, nproc=nproc)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -116,3 +120,62 @@ def test_uneven_shares_give_the_single_process_weights(cli, tiny_data, tmp_path,
         torch.testing.assert_close(ours[name], reference[name], rtol=1e-5, atol=1e-5)
     for a, b in zip(metrics(uneven, "train"), metrics(single, "train"), strict=True):
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
+        # Every process's busy time of the logged step, so a user sees whether the shares balance.
+        assert len(a["rank_step_s"]) == nproc and all(seconds > 0 for seconds in a["rank_step_s"])
+    for a, b in zip(metrics(uneven, "eval"), metrics(single, "eval"), strict=True):
+        assert a["val_loss"] == pytest.approx(b["val_loss"], rel=1e-5)
+    assert f"{nproc} processes, {'FSDP2' if parallel == 'fsdp' else 'DDP'}, shares" in " ".join(result.stderr.split())
+    assert "busy" in result.stdout
+
+
+def uneven_config(tmp_path: Path, data: Path, **changes) -> Path:
+    train = {**CONFIG["train"], "global_batch_tokens": 384, "max_steps": 12, "eval_every": 100, "checkpoint_every": 4,
+             "log_every": 1, "rank_shares": "1,3", **changes}
+    path = tmp_path / "uneven.yaml"
+    path.write_text(yaml.safe_dump({**CONFIG, "train": train, "data": {"dir": str(data)}}))
+    return path
+
+
+@pytest.mark.slow
+def test_an_uneven_run_killed_mid_way_resumes_to_the_same_weights(tiny_data, tmp_path):
+    config = uneven_config(tmp_path, tiny_data)
+    whole = tmp_path / "whole"
+    assert torchrun(config, whole, cwd=tmp_path).returncode == 0
+    killed = tmp_path / "killed"
+    # Rank 0 SIGKILLs itself while moving the step-8 checkpoint into place (step 0 and step 4 came before), and
+    # torchrun takes the other process down with it.
+    crash = torchrun(config, killed, cwd=tmp_path, env={"HETLM_CRASH_AT": "dir-rename#3"})
+    assert crash.returncode != 0
+    assert [c.step for c in RunDir(killed).checkpoints()][-1] == 4
+    resumed = torchrun(config, killed, cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "from step 4" in resumed.stderr
+    ours, reference = weights(killed), weights(whole)
+    assert ours.keys() == reference.keys()
+    for name in reference:
+        assert torch.equal(ours[name], reference[name]), name
+
+
+@pytest.mark.slow
+def test_fsdp_checkpoints_are_the_usual_format(cli, tiny_data, tmp_path):
+    config = uneven_config(tmp_path, tiny_data, parallel="fsdp", max_steps=8)
+    run = tmp_path / "sharded"
+    result = torchrun(config, run, "--max-steps", "4", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    # The optimizer state is saved whole, so one process (no FSDP2 there) resumes what two sharded processes began,
+    # and follows a run trained by one process all along.
+    assert cli("train", "--config", config, "--out", run, "--set", "train.parallel=auto").code == 0
+    single = tmp_path / "single"
+    assert cli("train", "--config", config, "--out", single, "--set", "train.parallel=auto").code == 0
+    ours, reference = weights(run), weights(single)
+    for name in reference:
+        torch.testing.assert_close(ours[name], reference[name], rtol=1e-5, atol=1e-5)
+    assert cli("eval", run).code == 0
+    assert cli("deploy", run, "--out", tmp_path / "bundle").code == 0
+
+
+def test_fsdp_needs_torchrun(cli, tiny_data, tmp_path):
+    result = cli("train", "--config", uneven_config(tmp_path, tiny_data, parallel="fsdp"), "--out", tmp_path / "run")
+    one_error(result, 2)
+    assert "train.parallel=fsdp" in result.err and "torchrun" in result.err
+    assert not (tmp_path / "run").exists()

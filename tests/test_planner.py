@@ -343,3 +343,23 @@ def test_the_wait_policy_turns_passive_under_load_before_torch_starts():
     chosen = subprocess.run([sys.executable, "-c", script.replace("LOAD", "64.0")], capture_output=True, text=True,
                             env={**env, "OMP_WAIT_POLICY": "ACTIVE"})
     assert (busy.stdout.strip(), idle.stdout.strip(), chosen.stdout.strip()) == ("passive", "default", "active")
+
+
+BIG = ["model.n_layers=20", "model.d_model=1536", "model.n_heads=12", "model.context_length=1024", "data.vocab_size=50257"]
+
+
+def test_fsdp_when_the_training_state_does_not_fit_a_replica():
+    # ~640M parameters: 16 bytes each of weights, gradients and AdamW state overflow the 8 GB card, not the 24 GB one.
+    small = plan_for("24gb-and-8gb-gpus", *BIG, world_size=2, local_rank=1)
+    assert small.parallel == "fsdp" and small.fits, small.decisions
+    assert decision(small, "parallelism").choice == "FSDP x2 (NCCL)"
+    large = plan_for("24gb-and-8gb-gpus", *BIG, world_size=2, local_rank=0)
+    assert large.parallel == "ddp" and large.fits
+    # Sharded, each process holds half the state plus what it gathers whole.
+    assert small.memory[0].optimizer == large.memory[0].optimizer // 2
+    forced = plan_for("24gb-and-8gb-gpus", *BIG, "train.parallel=ddp", world_size=2, local_rank=1)
+    assert forced.parallel == "ddp" and not forced.fits
+    assert plan_for("24gb-and-8gb-gpus", "train.parallel=fsdp", world_size=2, local_rank=0).parallel == "fsdp"
+    assert plan_for("24gb-and-8gb-gpus").parallel == "none"
+    with pytest.raises(UsageError, match="train.parallel=fsdp shards the model over processes started by torchrun"):
+        plan_for("24gb-and-8gb-gpus", "train.parallel=fsdp")

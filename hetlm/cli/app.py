@@ -7,6 +7,7 @@ import traceback
 from typing import Annotated, Optional
 
 import typer
+from rich.markup import escape
 
 from hetlm import __version__
 from hetlm.cli.render import stderr
@@ -43,7 +44,8 @@ def _root(
 
 
 def _fail(message: str, code: int) -> int:
-    stderr.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    # Messages quote paths and library errors, whose brackets are not Rich markup.
+    stderr.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
     return code
 
 

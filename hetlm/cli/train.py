@@ -83,6 +83,11 @@ def _summary(result: TrainResult) -> Table:
     table.add_row("tokens seen", f"{result.tokens:,}")
     table.add_row("time", f"{result.elapsed_s:.1f} s, {result.tokens_per_s:,.0f} tokens/s"
                   + (f" over {result.world_size} processes" if result.world_size > 1 else ""))
+    if result.shares and result.rank_step_s:
+        # Balanced shares keep every process busy for about the same time; the rest is waiting for the slowest.
+        table.add_row("processes", ", ".join(
+            f"rank {rank}: {share} sequences, busy {seconds * 1000:.0f} ms per step"
+            for rank, (share, seconds) in enumerate(zip(result.shares, result.rank_step_s, strict=True))))
     if result.train_loss is not None:
         table.add_row("train loss", f"{result.train_loss:.4f}")
     if result.eval:
