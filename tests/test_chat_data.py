@@ -282,6 +282,13 @@ def test_a_model_trained_on_a_few_chats_answers_its_questions(cli, chat_data, tm
     evals = metrics(run, "eval")
     # The validation loss is that of the replies alone, which the model learns to near certainty.
     assert evals[-1]["val_loss"] < min(0.3, evals[0]["val_loss"])
+    # hetlm eval of a chat folder scores the replies, each of their tokens once.
+    scored = cli("eval", run, "--data", chat_data, "--json")
+    assert scored.code == 0, scored.err
+    record = json.loads(scored.out)
+    assert record["tokens"] == DataFolder.open(chat_data).manifest["splits"]["val"]["learned_tokens"]
+    assert record["loss"] < 0.3
+
     loaded = load_checkpoint(run)
     tokenizer = Tokenizer.load(loaded.tokenizer_path)
     sampler = Sampler(loaded.model, tokenizer)
