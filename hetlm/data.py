@@ -52,6 +52,13 @@ def split_inputs_targets(windows: torch.Tensor) -> tuple[torch.Tensor, torch.Ten
     return windows[:, :-1], windows[:, 1:]
 
 
+def split_masked(windows: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Windows of T + 1 tokens and which of their targets are learned (B, T) -> inputs (B, T) and targets (B, T),
+    the unlearned ones IGNORE_INDEX."""
+    x, y = split_inputs_targets(windows)
+    return x, y.masked_fill(~mask, IGNORE_INDEX)
+
+
 def gather_target_masks(mask: np.ndarray, starts: np.ndarray | torch.Tensor, length: int) -> torch.Tensor:
     """Of the windows ``tokens[s : s + length]``, whether each target (positions 1 .. length - 1) is learned:
     a bool tensor (len(starts), length - 1)."""
@@ -70,9 +77,7 @@ class MaskedBatch:
     step_targets: int
 
     def inputs_targets(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Inputs (B, T) and targets (B, T), the unlearned ones IGNORE_INDEX."""
-        x, y = split_inputs_targets(self.windows)
-        return x, y.masked_fill(~self.mask, IGNORE_INDEX)
+        return split_masked(self.windows, self.mask)
 
     def to(self, device: torch.device, non_blocking: bool = False) -> MaskedBatch:
         return MaskedBatch(self.windows.to(device, non_blocking=non_blocking),

@@ -34,7 +34,15 @@ from torch.nn.parallel import DistributedDataParallel
 
 from hetlm.build import InitSource, build_run, check_compatible, config_changes, default_run_dir, resolve_config
 from hetlm.config import Config, TrainConfig, parse_duration
-from hetlm.data import MaskedBatch, PrefetchLoader, fixed_starts, gather_target_masks, gather_windows, split_inputs_targets
+from hetlm.data import (
+    MaskedBatch,
+    PrefetchLoader,
+    fixed_starts,
+    gather_target_masks,
+    gather_windows,
+    split_inputs_targets,
+    split_masked,
+)
 from hetlm.errors import HetlmError, UsageError
 from hetlm.evaluate import count_bytes, token_byte_lengths
 from hetlm.io import disk_full_errors
@@ -190,7 +198,7 @@ def mean_loss(model: torch.nn.Module, windows: torch.Tensor, autocast: Any, batc
     for start in range(0, len(windows), batch_size):
         rows = slice(start, start + batch_size)
         if masks is not None:
-            x, y = MaskedBatch(windows[rows], masks[rows], 0).inputs_targets()
+            x, y = split_masked(windows[rows], masks[rows])
             with autocast():
                 logits, _ = model(x)
             total += next_token_loss(logits, y, "sum").double()

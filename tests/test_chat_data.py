@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+import yaml
 
 from hetlm.chat import CHAT_STOP, chat_pieces, render_chat
 from hetlm.config import load_config
@@ -23,6 +24,7 @@ from hetlm.store import DataFolder, load_checkpoint
 from hetlm.tokenizer import Tokenizer
 from hetlm.train import TrainStep, mean_loss
 from tests.conftest import one_error
+from tests.test_distributed import CONFIG, torchrun, weights
 from tests.test_train import metrics, write_config
 
 PAIRS = [
@@ -267,6 +269,25 @@ def test_the_loader_counts_the_whole_steps_targets_in_every_slice(chat_data):
     assert all(part.step_targets == whole.step_targets for part in parts)
     assert torch.equal(torch.cat([p.windows for p in parts]), whole.windows)
     assert torch.equal(torch.cat([p.mask for p in parts]), whole.mask)
+
+
+@pytest.mark.slow
+def test_uneven_processes_give_the_single_process_weights_on_chat_data(cli, chat_data, tmp_path):
+    # 12 sequences a step, split 3/9 over two processes: each divides by the whole step's learned targets.
+    changes = {"global_batch_tokens": 384, "max_steps": 6, "eval_every": 100, "checkpoint_every": 6, "log_every": 1,
+               "rank_shares": "1,3"}
+    path = tmp_path / "uneven.yaml"
+    path.write_text(yaml.safe_dump({**CONFIG, "train": {**CONFIG["train"], **changes}, "data": {"dir": str(chat_data)}}))
+    single = tmp_path / "single"
+    assert cli("train", "--config", path, "--out", single).code == 0
+    uneven = tmp_path / "uneven"
+    result = torchrun(path, uneven, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    ours, reference = weights(uneven), weights(single)
+    for name in reference:
+        torch.testing.assert_close(ours[name], reference[name], rtol=1e-5, atol=1e-5)
+    for a, b in zip(metrics(uneven, "train"), metrics(single, "train"), strict=True):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
 
 
 # --- the test ---------------------------------------------------------------------------------
