@@ -257,7 +257,7 @@ class TrainStep:
             # cancelled by the world size. Only each process's last micro-batch synchronises, however many it has.
             # With a loss mask the step's loss is the mean over its learned targets: each micro-batch's sum over
             # its own weighs by 1 / the step's count (which the loader has from all the step's windows), and a step
-            # with none learns nothing instead of dividing by zero.
+            # with none has a zero loss and gradient instead of 0/0 (AdamW's momentum still moves the weights).
             share = len(x) / self.step_sequences if self.step_sequences else 1 / self.accumulation
             sync = contextlib.nullcontext() if self.ddp is None or last else self.ddp.no_sync()
             with sync:
