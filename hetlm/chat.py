@@ -22,7 +22,31 @@ CHAT_TEMPLATE = (
 CHAT_STOP = ["\nUser:", "\nSystem:"]
 
 
+def chat_pieces(messages: list[dict[str, str]], add_generation_prompt: bool = True) -> list[tuple[str, bool]]:
+    """The rendering of ``messages`` as consecutive (text, is_reply) pieces; joined, they are ``render_chat``'s text.
+
+    A reply piece is what the model writes after an "Assistant:" label: a space, the content and the blank
+    line that ends the turn. Everything else (labels, other roles' turns) is merged into prompt pieces that
+    end right after "Assistant:", which is where a served prompt ends, so a prompt piece encoded on its own
+    gives the tokens the server gives the same conversation.
+    """
+    pieces: list[tuple[str, bool]] = []
+    prompt = ""
+    for message in messages:
+        label = CHAT_ROLES[message["role"]]
+        if label == "Assistant":
+            pieces.append((prompt + "Assistant:", False))
+            pieces.append((f" {message['content']}\n\n", True))
+            prompt = ""
+        else:
+            prompt += f"{label}: {message['content']}\n\n"
+    if add_generation_prompt:
+        prompt += "Assistant:"
+    if prompt:
+        pieces.append((prompt, False))
+    return pieces
+
+
 def render_chat(messages: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
     """Messages ({"role", "content"}) as one prompt: "Role: content" blocks separated by blank lines."""
-    text = "".join(f"{CHAT_ROLES[m['role']]}: {m['content']}\n\n" for m in messages)
-    return text + "Assistant:" if add_generation_prompt else text
+    return "".join(text for text, _ in chat_pieces(messages, add_generation_prompt))

@@ -27,6 +27,7 @@ from hetlm.io import atomic_write_text
 from hetlm.sampling_settings import SamplingError, SamplingSettings
 
 TOKENIZERS = ("bpe", "unigram")
+HTML_MODES = ("text", "raw")
 DEVICES = ("auto", "cpu", "mps", "cuda", "cuda:N")
 DTYPES = ("auto", "fp32", "bf16", "fp16")
 COMPILE_CHOICES = ("auto", "on", "off")
@@ -58,6 +59,10 @@ class DataConfig:
         64_000_000, "Bytes of training text the tokenizer learns from; bounds its time and memory on large corpora")
     workers: int = setting(0, "Preprocessing processes; 0 lets the planner choose (one per usable CPU)")
     seed: int = setting(1337, "Key of the hash that splits the documents into train and val and picks the tokenizer's sample")
+    chat: bool = setting(False, "Inputs are JSON Lines of chat conversations ({\"messages\": [{\"role\", \"content\"}, ...]}), "
+                                "rendered with the chat template; training learns only the assistant turns")
+    html: str = setting("text", "What .html/.htm files become: their text (markup, scripts and styles left out) or the raw "
+                                "markup", HTML_MODES)
 
     def validate(self) -> None:
         _check(self.vocab_size >= 261, "data.vocab_size must be at least 261 (256 byte pieces, 4 specials and one character)")
@@ -66,6 +71,7 @@ class DataConfig:
         _check(0.0 < self.val_fraction < 1.0, "data.val_fraction must be between 0 and 1 (exclusive)")
         _check(self.tokenizer_sample_bytes > 0, "data.tokenizer_sample_bytes must be positive")
         _check(self.workers >= 0, "data.workers must be >= 0 (0 = let the planner choose)")
+        _check(self.html in HTML_MODES, f"data.html must be {_either([repr(m) for m in HTML_MODES])}")
 
 
 @dataclass

@@ -3,16 +3,20 @@
 Sampling is a set of pure functions of (tokens, generator); ``PrefetchLoader`` runs them on a
 background thread ahead of the training step and remembers the generator state that follows each
 batch it hands out, so a checkpoint records exactly where the data stream stands even though more
-batches were already drawn into the queue.
+batches were already drawn into the queue. Chat data comes with a loss mask (one uint8 per token, 1 where
+training learns the token); its batches are ``MaskedBatch``es.
 """
 
 from __future__ import annotations
 
 import queue
 import threading
+from dataclasses import dataclass
 
 import numpy as np
 import torch
+
+from hetlm.model import IGNORE_INDEX
 
 
 def random_starts(n_tokens: int, length: int, count: int, generator: torch.Generator) -> torch.Tensor:
@@ -48,6 +52,41 @@ def split_inputs_targets(windows: torch.Tensor) -> tuple[torch.Tensor, torch.Ten
     return windows[:, :-1], windows[:, 1:]
 
 
+def split_masked(windows: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Windows of T + 1 tokens and which of their targets are learned (B, T) -> inputs (B, T) and targets (B, T),
+    the unlearned ones IGNORE_INDEX."""
+    x, y = split_inputs_targets(windows)
+    return x, y.masked_fill(~mask, IGNORE_INDEX)
+
+
+def gather_target_masks(mask: np.ndarray, starts: np.ndarray | torch.Tensor, length: int) -> torch.Tensor:
+    """Of the windows ``tokens[s : s + length]``, whether each target (positions 1 .. length - 1) is learned:
+    a bool tensor (len(starts), length - 1)."""
+    starts = np.asarray(starts, dtype=np.int64)
+    index = starts[:, None] + np.arange(1, length, dtype=np.int64)
+    return torch.from_numpy(np.asarray(mask[index]) != 0)
+
+
+@dataclass
+class MaskedBatch:
+    """A micro-batch of masked data: its windows (B, T + 1), which of their targets are learned (B, T), and how
+    many targets are learned in the whole step (every micro-batch of every process), the mean's divisor."""
+
+    windows: torch.Tensor
+    mask: torch.Tensor
+    step_targets: int
+
+    def inputs_targets(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return split_masked(self.windows, self.mask)
+
+    def to(self, device: torch.device, non_blocking: bool = False) -> MaskedBatch:
+        return MaskedBatch(self.windows.to(device, non_blocking=non_blocking),
+                           self.mask.to(device, non_blocking=non_blocking), self.step_targets)
+
+    def pin_memory(self) -> MaskedBatch:
+        return MaskedBatch(self.windows.pin_memory(), self.mask.pin_memory(), self.step_targets)
+
+
 class PrefetchLoader:
     """Endless batches of windows, drawn ``prefetch`` steps ahead on a daemon thread.
 
@@ -55,6 +94,9 @@ class PrefetchLoader:
     one stream every process shares, and this process keeps its slice ``take`` = (offset, count), cut into
     micro-batches of ``micro_sizes``: the windows of a step depend on the seed and the step alone, however
     many processes share it and in what proportions. Without ``take`` the whole step is this process's.
+
+    With a loss ``mask`` the batches are ``MaskedBatch``es. Every process draws all of the step's starts, so
+    each counts the learned targets of the whole step alone, and all agree on it without communicating.
 
     Only the thread touches ``generator`` while the loader is open. ``state()`` is the generator
     state right after the step of the last batch returned by ``next``: a generator set to it draws the
@@ -74,8 +116,10 @@ class PrefetchLoader:
         step_sequences: int | None = None,
         take: tuple[int, int] | None = None,
         micro_sizes: list[int] | None = None,
+        mask: np.ndarray | None = None,
     ) -> None:
         self.tokens = tokens
+        self.mask = mask
         self.batch_size = batch_size
         self.step_sequences = step_sequences or batch_size
         self.take = take or (0, self.step_sequences)
@@ -100,12 +144,18 @@ class PrefetchLoader:
                 starts = random_starts(len(self.tokens), self.length, self.step_sequences, self.generator).numpy()
                 mine = gather_windows(self.tokens, starts[offset : offset + count], self.length)
                 state = self.generator.get_state()
-                for windows in mine.split(self.micro_sizes):
+                batches: list[torch.Tensor] | list[MaskedBatch] = list(mine.split(self.micro_sizes))
+                if self.mask is not None:
+                    learned = gather_target_masks(self.mask, starts, self.length)
+                    total = int(learned.sum())
+                    masks = learned[offset : offset + count].split(self.micro_sizes)
+                    batches = [MaskedBatch(w, m, total) for w, m in zip(batches, masks, strict=True)]
+                for batch in batches:
                     if self.pin_memory:
-                        windows = windows.pin_memory()
+                        batch = batch.pin_memory()
                     while not self._stop.is_set():
                         try:
-                            self._queue.put((windows, state), timeout=0.1)
+                            self._queue.put((batch, state), timeout=0.1)
                             break
                         except queue.Full:
                             continue
@@ -115,15 +165,16 @@ class PrefetchLoader:
     def __iter__(self) -> PrefetchLoader:
         return self
 
-    def __next__(self) -> torch.Tensor:
-        """The next batch of windows (batch_size, length) on the loader's device."""
-        windows, state = self._queue.get()
+    def __next__(self) -> torch.Tensor | MaskedBatch:
+        """The next batch of windows (batch_size, length) on the loader's device (a MaskedBatch with a mask)."""
+        batch, state = self._queue.get()
         if state is None:
-            raise RuntimeError("the data loader thread failed") from windows
+            raise RuntimeError("the data loader thread failed") from batch
         self._state = state
-        if windows.device != self.device:
-            windows = windows.to(self.device, non_blocking=self.non_blocking)
-        return windows
+        device = batch.windows.device if isinstance(batch, MaskedBatch) else batch.device
+        if device != self.device:
+            batch = batch.to(self.device, non_blocking=self.non_blocking)
+        return batch
 
     def state(self) -> torch.Tensor:
         return self._state.clone()

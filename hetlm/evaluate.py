@@ -110,8 +110,11 @@ def windows(n_tokens: int, context: int, stride: int) -> Iterator[tuple[int, int
 
 
 def score_tokens(model: Transformer, tokens: np.ndarray, stride: int = 0, batch_size: int = 8, plan: Plan | None = None,
-                 reporter: Reporter = NullReporter()) -> tuple[float, int, int]:
-    """(total NLL in nats, targets scored, windows) of ``tokens``; ``stride`` 0 = non-overlapping windows."""
+                 reporter: Reporter = NullReporter(), learned: np.ndarray | None = None) -> tuple[float, int, int]:
+    """(total NLL in nats, targets scored, windows) of ``tokens``; ``stride`` 0 = non-overlapping windows.
+
+    With ``learned`` (a chat folder's loss mask, one per token) only the targets it marks are scored.
+    """
     context = model.config.context_length
     stride = stride or context
     # Windows go in at the embedding's device; the scores are summed where the logits come out.
@@ -133,12 +136,15 @@ def score_tokens(model: Transformer, tokens: np.ndarray, stride: int = 0, batch_
             batch = torch.from_numpy(rows).to(device, non_blocking=True)
             first = torch.tensor([f for _, _, f in group], device=device)
             mask = torch.arange(length, device=device)[None, :] >= first[:, None]  # (B, length)
+            if learned is not None:
+                rows = np.stack([np.asarray(learned[s + 1 : e + 1]) != 0 for s, e, _ in group])
+                mask &= torch.from_numpy(rows).to(device)
             with torch.inference_mode(), autocast():
                 logits, _ = model(batch[:, :-1])
                 nll = F.cross_entropy(logits.float().flatten(0, 1), batch[:, 1:].flatten(), reduction="none")
                 total += (nll.view(len(group), length) * mask).sum(dtype=torch.float64)
             done = sum(e - s - f for s, e, f in group)
-            count += done
+            count += done if learned is None else int(mask.sum())
             reporter.advance("eval", done)
     finally:
         model.train(was_training)
@@ -188,14 +194,21 @@ def text_tokens(tokenizer: Tokenizer, files: Sequence[str | Path]) -> tuple[np.n
 
 def evaluate(model: Transformer, tokenizer: Tokenizer, tokens: np.ndarray, *, source: str, inputs: list[str],
              checkpoint: str, stride: int = 0, max_tokens: int = 0, batch_size: int = 8, plan: Plan | None = None,
-             chars: int | None = None, reporter: Reporter = NullReporter()) -> EvalResult:
+             chars: int | None = None, reporter: Reporter = NullReporter(),
+             learned: np.ndarray | None = None) -> EvalResult:
     """Score ``tokens`` (only its first ``max_tokens`` targets when given) and compute the metrics.
 
     ``chars`` is the scored text's length in characters when the whole stream is evaluated (bits per char).
+    With ``learned``, a chat folder's loss mask, only the replies are scored, as training's validation does, and
+    bits per byte are over the replies' bytes.
     """
     if max_tokens and max_tokens + 1 < len(tokens):
         tokens = tokens[: max_tokens + 1]
         chars = None
+        if learned is not None:
+            learned = learned[: max_tokens + 1]
+    if learned is not None and not np.any(learned[1:]):
+        raise UsageError(f"{source}: no assistant reply to score")
     if len(tokens) < 2:
         raise UsageError(f"{source}: {len(tokens)} token(s) is too little to evaluate (at least 2 are needed)")
     context = model.config.context_length
@@ -205,9 +218,10 @@ def evaluate(model: Transformer, tokenizer: Tokenizer, tokens: np.ndarray, *, so
     dtype = plan.dtype if plan is not None else "fp32"
     reporter.info(f"scoring {len(tokens) - 1:,} tokens ({source}) with {checkpoint or 'the model'} on {device} ({dtype})")
     started = time.perf_counter()
-    nll, count, n_windows = score_tokens(model, tokens, stride, batch_size, plan, reporter)
+    nll, count, n_windows = score_tokens(model, tokens, stride, batch_size, plan, reporter, learned)
     seconds = time.perf_counter() - started
-    size = count_bytes(tokens[1:], token_byte_lengths(tokenizer))
+    targets = tokens[1:] if learned is None else np.asarray(tokens[1:])[np.asarray(learned[1:]) != 0]
+    size = count_bytes(targets, token_byte_lengths(tokenizer))
     loss = nll / count
     bits = nll / math.log(2)
     return EvalResult(

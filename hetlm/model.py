@@ -372,12 +372,22 @@ class Transformer(nn.Module):
         if last_only:
             x = x[:, -1:, :]  # (B, 1, D)
         logits = self.lm_head(x)  # (B, T, V)
-        loss = None
-        if targets is not None:
-            # The loss is taken in fp32 whatever the autocast dtype.
-            loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1).to(logits.device),
-                                   ignore_index=-100)
+        loss = next_token_loss(logits, targets) if targets is not None else None
         return logits, loss
+
+
+# A target that is not scored (the context of a chat's replies).
+IGNORE_INDEX = -100
+
+
+def next_token_loss(logits: torch.Tensor, targets: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+    """Cross-entropy of logits (B, T, V) against targets (B, T), skipping IGNORE_INDEX targets.
+
+    Taken in fp32 whatever the autocast dtype. A "sum" over no scored target is 0 with a zero gradient, where
+    the "mean" would be 0/0.
+    """
+    return F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1).to(logits.device),
+                           ignore_index=IGNORE_INDEX, reduction=reduction)
 
 
 def to_device(x: torch.Tensor, device: torch.device) -> torch.Tensor:

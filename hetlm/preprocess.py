@@ -5,14 +5,16 @@ train/val split, a second pass draws a bounded sample of the train split for the
 third encodes every document in worker processes and streams the tokens to disk.
 
 Output folder: ``tokenizer.model``, ``train.bin`` and ``val.bin`` (little-endian uint16 or uint32
-token ids; every document is ``<s>`` + ids + ``</s>``), ``config.yaml`` and, written last,
-``manifest.json``. A folder without a manifest is unfinished and is rebuilt by the next run. The files
+token ids; every document is ``<s>`` + ids + ``</s>``), for chat data (``data.chat``: every document a
+conversation) ``train.mask.bin`` and ``val.mask.bin`` (a byte per token, 1 for the assistant replies that
+training learns), ``config.yaml`` and, written last, ``manifest.json``. A folder without a manifest is unfinished and is rebuilt by the next run. The files
 are made in a ``.preprocess-*.tmp`` folder inside it, under the folder's lock (``.hetlm.lock``), which
 also lets a run remove what an interrupted one left there.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import fnmatch
 import glob
@@ -34,8 +36,9 @@ import tempfile
 import time
 import zlib
 from collections import Counter, deque
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
+from html.parser import HTMLParser
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +46,7 @@ import numpy as np
 import sentencepiece as spm
 
 from hetlm import __version__
+from hetlm.chat import CHAT_ROLES, chat_pieces
 from hetlm.config import TOKENIZERS, Config, DataConfig, save_config
 from hetlm.errors import HetlmError, UsageError
 from hetlm.io import FileLock, atomic_path, clean_up, disk_full_message, fsync_dir, no_space_errno, sha256_file
@@ -56,6 +60,7 @@ from hetlm.store import (
     SPLITS,
     TOKENIZER,
     finished_data_manifest,
+    mask_file_name,
     split_file_name,
 )
 from hetlm.tokenizer import (
@@ -73,6 +78,13 @@ BUILTIN_CORPUS = "python-stdlib"
 TRAIN, VAL = 0, 1
 
 JSONL_SUFFIXES = (".jsonl", ".ndjson")
+HTML_SUFFIXES = (".html", ".htm")
+# Elements whose content a browser does not show as text.
+HTML_HIDDEN = frozenset({"head", "script", "style", "template", "noscript"})
+# Elements that set their text apart by a blank line, and those that start a new line.
+HTML_PARAGRAPHS = frozenset({"p", "h1", "h2", "h3", "h4", "h5", "h6", "pre", "blockquote", "table", "ul", "ol",
+                             "dl", "section", "article", "header", "footer", "figure", "hr"})
+HTML_BLOCKS = frozenset({"br", "div", "li", "tr", "dt", "dd", "main", "nav", "aside", "form", "caption", "title"})
 STDLIB_SUFFIXES = (".py", ".rst", ".txt")
 STDLIB_EXCLUDED_DIRS = frozenset({"test", "tests", "idle_test", "site-packages", "dist-packages", "__pycache__"})
 # A NUL byte in the first block marks a binary file; UTF-8 text practically never holds one.
@@ -89,7 +101,8 @@ MAX_LISTED_SKIPS = 1000
 # Below this many validation tokens (or with one held-out document) the val loss is too noisy to trust.
 SMALL_VAL_TOKENS = 1000
 
-_BOS, _EOS = 1, 2
+# Segment flags: the segment starts a document (<s> before it), ends one (</s> after it), is learned (chat replies).
+_BOS, _EOS, _LEARN = 1, 2, 4
 
 
 def default_preprocess_workers(config: Config) -> int:
@@ -319,9 +332,58 @@ def _text_document(source: Source) -> tuple[str, bytes]:
         raise _SkipFile("not UTF-8") from None
 
 
-def _jsonl_records(lines: Iterable[bytes], text_field: str, skipped: Counter,
-                   bad: list[tuple[int, str]] | None) -> Iterator[tuple[str, bytes]]:
-    """The texts of JSON Lines records; a skipped record is counted in ``skipped`` and, with ``bad``, listed by line."""
+# A document: its text, the text's UTF-8 bytes and, for a chat conversation, its (text, is_reply) pieces.
+Document = tuple[str, bytes, list[tuple[str, bool]] | None]
+# What a JSONL record becomes: (why it is skipped, None) or (None, its document).
+RecordParser = Callable[[Any], tuple[str | None, Document | None]]
+
+
+def _utf8(text: str) -> bytes | None:
+    try:
+        return text.encode("utf-8")
+    except UnicodeEncodeError:  # lone surrogates from \ud800-style escapes
+        return None
+
+
+def _text_record(text_field: str) -> RecordParser:
+    def parse(record: Any) -> tuple[str | None, Document | None]:
+        text = record.get(text_field) if isinstance(record, dict) else None
+        if not isinstance(text, str):
+            return f"JSONL record without a {text_field!r} string", None
+        if not text:
+            return "JSONL record with empty text", None
+        raw = _utf8(text)
+        return ("JSONL record not UTF-8", None) if raw is None else (None, (text, raw, None))
+
+    return parse
+
+
+def _chat_record(record: Any) -> tuple[str | None, Document | None]:
+    """A {"messages": [{"role", "content"}, ...]} record as its rendered conversation."""
+    messages = record.get("messages") if isinstance(record, dict) else None
+    if not isinstance(messages, list) or not messages:
+        return "JSONL record without messages", None
+    for message in messages:
+        if not isinstance(message, dict):
+            return "JSONL record with a message that is not an object", None
+        role = message.get("role")
+        if not isinstance(role, str) or role not in CHAT_ROLES:
+            shown = role[:40] if isinstance(role, str) else role
+            return f"JSONL record with unknown role {shown!r}", None
+        if not isinstance(message.get("content"), str):
+            return "JSONL record with a content that is not a string", None
+    pieces = chat_pieces(messages, add_generation_prompt=False)
+    if not any(reply for _, reply in pieces):
+        # Nothing in it would be learned: it would cost tokens and teach nothing.
+        return "JSONL record without an assistant message", None
+    text = "".join(piece for piece, _ in pieces)
+    raw = _utf8(text)
+    return ("JSONL record not UTF-8", None) if raw is None else (None, (text, raw, pieces))
+
+
+def _jsonl_records(lines: Iterable[bytes], parse: RecordParser, skipped: Counter,
+                   bad: list[tuple[int, str]] | None) -> Iterator[Document]:
+    """The documents of JSON Lines records; a skipped record is counted in ``skipped`` and, with ``bad``, listed by line."""
     for number, line in enumerate(lines, 1):
         if number == 1:
             line = line.removeprefix(b"\xef\xbb\xbf")  # json.loads rejects a UTF-8 byte order mark
@@ -335,26 +397,18 @@ def _jsonl_records(lines: Iterable[bytes], text_field: str, skipped: Counter,
         except ValueError:
             reason = "JSONL record not JSON"
         else:
-            text = record.get(text_field) if isinstance(record, dict) else None
-            if not isinstance(text, str):
-                reason = f"JSONL record without a {text_field!r} string"
-            elif not text:
-                reason = "JSONL record with empty text"
-            else:
-                try:
-                    raw = text.encode("utf-8")
-                except UnicodeEncodeError:  # lone surrogates from \ud800-style escapes
-                    reason = "JSONL record not UTF-8"
+            reason, document = parse(record)
         if reason is not None:
             skipped[reason] += 1
             if bad is not None:
                 bad.append((number, reason))
             continue
-        yield text, raw
+        assert document is not None
+        yield document
 
 
-def _jsonl_documents(source: Source, text_field: str, skipped: Counter,
-                     bad: list[tuple[int, str]] | None) -> Iterator[tuple[str, bytes]]:
+def _jsonl_documents(source: Source, parse: RecordParser, skipped: Counter,
+                     bad: list[tuple[int, str]] | None) -> Iterator[Document]:
     try:
         with _open(source) as handle:
             lines = iter(handle)
@@ -363,7 +417,7 @@ def _jsonl_documents(source: Source, text_field: str, skipped: Counter,
                 raise _SkipFile("empty")
             if b"\0" in head[:SNIFF_BYTES]:
                 raise _SkipFile("binary")
-            yield from _jsonl_records(itertools.chain([head], lines), text_field, skipped, bad)
+            yield from _jsonl_records(itertools.chain([head], lines), parse, skipped, bad)
     except _READ_ERRORS as exc:
         raise _SkipFile(_read_error_reason(exc, source)) from None
 
@@ -385,21 +439,116 @@ def _is_json_lines(data: bytes) -> bool:
 
 
 def iter_documents(source: Source, text_field: str, skipped: Counter,
-                   bad: list[tuple[int, str]] | None = None) -> Iterator[tuple[str, bytes]]:
+                   bad: list[tuple[int, str]] | None = None, html: str = "text") -> Iterator[tuple[str, bytes]]:
     """(text, its UTF-8 bytes) for each document of ``source``: the whole file, or each JSONL record.
 
-    A ``.json`` file whose every line is a JSON object is read as JSON Lines. Raises _SkipFile when the file
-    as a whole is unusable; skipped JSONL records are counted in ``skipped`` and, with ``bad``, listed there as
-    (line number, reason).
+    A ``.json`` file whose every line is a JSON object is read as JSON Lines; with ``html`` "text" an HTML file
+    is read as the text it shows (``html_text``). Raises _SkipFile when the file as a whole is unusable; skipped
+    JSONL records are counted in ``skipped`` and, with ``bad``, listed there as (line number, reason).
     """
+    for text, raw, _ in _plain_documents(source, text_field, skipped, bad, html):
+        yield text, raw
+
+
+def _plain_documents(source: Source, text_field: str, skipped: Counter, bad: list[tuple[int, str]] | None,
+                     html: str) -> Iterator[Document]:
     if source.kind == "jsonl":
-        yield from _jsonl_documents(source, text_field, skipped, bad)
+        yield from _jsonl_documents(source, _text_record(text_field), skipped, bad)
         return
     text, data = _text_document(source)
     if _is_json_name(source.path.name) and _is_json_lines(data):
-        yield from _jsonl_records(data.splitlines(keepends=True), text_field, skipped, bad)
+        yield from _jsonl_records(data.splitlines(keepends=True), _text_record(text_field), skipped, bad)
+    elif html == "text" and _is_html_name(source.path.name):
+        text = html_text(text)
+        if not text:
+            raise _SkipFile("HTML without text")
+        yield text, text.encode("utf-8"), None
     else:
-        yield text, data
+        yield text, data, None
+
+
+def read_documents(source: Source, data: DataConfig, skipped: Counter,
+                   bad: list[tuple[int, str]] | None = None) -> Iterator[Document]:
+    """The documents of ``source`` as ``data`` says to read them: with ``data.chat`` every file is JSON Lines of
+    conversations, each document one rendered conversation with its pieces; otherwise as ``iter_documents``."""
+    if data.chat:
+        yield from _jsonl_documents(source, _chat_record, skipped, bad)
+    else:
+        yield from _plain_documents(source, data.text_field, skipped, bad, data.html)
+
+
+def _is_html_name(name: str) -> bool:
+    return name.lower().removesuffix(".gz").endswith(HTML_SUFFIXES)
+
+
+class _HtmlText(HTMLParser):
+    """Collects the text a browser would show: no head, scripts or styles; block elements start new lines."""
+
+    def __init__(self) -> None:
+        super().__init__(convert_charrefs=True)  # entities arrive unescaped in handle_data
+        self.parts: list[str] = []
+        self.hidden: list[str] = []  # open elements whose content is not shown
+        self.pre = 0
+
+    def _break(self, tag: str) -> None:
+        need = "\n\n" if tag in HTML_PARAGRAPHS else "\n"
+        if self.parts and not self.parts[-1].strip("\n"):
+            # Breaks in a row (</li><li>, </p><p>) make one, the widest of them.
+            self.parts[-1] = max(self.parts[-1], need, key=len)
+            return
+        if self.parts:
+            self.parts[-1] = self.parts[-1].rstrip(" ")
+        self.parts.append(need)
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        if tag == "body":
+            # Many pages never close their head; the body starts what is shown.
+            self.hidden = [t for t in self.hidden if t != "head"]
+        if tag in HTML_HIDDEN:
+            self.hidden.append(tag)
+        elif not self.hidden and (tag in HTML_BLOCKS or tag in HTML_PARAGRAPHS):
+            self._break(tag)
+        if tag == "pre":
+            self.pre += 1
+
+    def handle_startendtag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        if not self.hidden and (tag in HTML_BLOCKS or tag in HTML_PARAGRAPHS):
+            self._break(tag)
+
+    def handle_endtag(self, tag: str) -> None:
+        if tag in self.hidden:
+            while self.hidden.pop() != tag:
+                pass
+        elif not self.hidden and (tag in HTML_BLOCKS or tag in HTML_PARAGRAPHS):
+            self._break(tag)
+        if tag == "pre":
+            self.pre = max(0, self.pre - 1)
+
+    def handle_data(self, data: str) -> None:
+        if self.hidden:
+            return
+        if not self.pre:
+            # As in a browser, a run of whitespace (line breaks too) shows as one space, and none starts a line.
+            words = data.split()
+            data = (" " if data[:1].isspace() else "") + " ".join(words) + (" " if words and data[-1].isspace() else "")
+            if not self.parts or self.parts[-1].endswith(("\n", " ")):
+                data = data.lstrip(" ")
+        if data:
+            self.parts.append(data)
+
+    def text(self) -> str:
+        text = "".join(self.parts).strip()
+        while "\n\n\n" in text:
+            text = text.replace("\n\n\n", "\n\n")
+        return text + "\n" if text else ""
+
+
+def html_text(markup: str) -> str:
+    """The text of an HTML document, for training on what a page says rather than on its markup."""
+    parser = _HtmlText()
+    parser.feed(markup)
+    parser.close()
+    return parser.text()
 
 
 def _is_json_name(name: str) -> bool:
@@ -473,7 +622,7 @@ def _scan(inventory: Inventory, data: DataConfig, reporter: Reporter) -> Scan:
         docs = doc_bytes = 0
         bad: list[tuple[int, str]] = []
         try:
-            for _, raw in iter_documents(source, data.text_field, inventory.skipped, bad):
+            for _, raw, _ in read_documents(source, data, inventory.skipped, bad):
                 docs += 1
                 doc_bytes += len(raw)
                 u = _unit_interval(raw, key)
@@ -509,14 +658,15 @@ def _scan(inventory: Inventory, data: DataConfig, reporter: Reporter) -> Scan:
 
     if documents == 0:
         counts = ", ".join(f"{n} {reason}" for reason, n in inventory.skipped.most_common()) or "no files"
-        raise UsageError(f"no usable text in the input ({counts})")
+        raise UsageError(f"no usable {'conversation' if data.chat else 'text'} in the input ({counts})")
 
     split = Split("hash", data.val_fraction, data.seed)
     train_bytes = total - val_bytes
     if val_docs == 0:
         split.forced_val = min_u
         val_docs, train_bytes = min_count, total - min_bytes * min_count
-    if documents < math.ceil(1.0 / data.val_fraction) or val_docs >= documents:
+    # A conversation is never cut in two: its tail alone would start in the middle of a turn.
+    if not data.chat and (documents < math.ceil(1.0 / data.val_fraction) or val_docs >= documents):
         split = Split("tail", data.val_fraction, data.seed)
         train_bytes = int(total * (1.0 - data.val_fraction))
     return Scan(accepted, info, documents, total, split, train_bytes)
@@ -525,12 +675,12 @@ def _scan(inventory: Inventory, data: DataConfig, reporter: Reporter) -> Scan:
 # --------------------------------------------------------------------------- pass 2: tokenizer
 
 
-def _train_documents(scan: Scan, text_field: str) -> Iterator[tuple[int, int, str]]:
+def _train_documents(scan: Scan, data: DataConfig) -> Iterator[tuple[int, int, str]]:
     """(source number, document number, train text) for each document's train part."""
     ignored: Counter = Counter()
     for number, source in enumerate(scan.sources):
         try:
-            for doc, (text, raw) in enumerate(iter_documents(source, text_field, ignored)):
+            for doc, (text, raw, _) in enumerate(read_documents(source, data, ignored)):
                 for split, part in scan.split.parts(text, raw):
                     if split == TRAIN:
                         yield number, doc, part
@@ -547,7 +697,7 @@ def _tokenizer_sample(scan: Scan, data: DataConfig, reporter: Reporter) -> Itera
     rate = data.tokenizer_sample_bytes / max(scan.train_bytes, 1)
     key = struct.pack("<q", data.seed)
     taken = 0
-    for number, doc, text in _train_documents(scan, data.text_field):
+    for number, doc, text in _train_documents(scan, data):
         for index, sentence in enumerate(training_sentences(text)):
             if rate < 1.0 and _unit_interval(struct.pack("<QQQ", number, doc, index), key) >= rate:
                 continue
@@ -573,25 +723,36 @@ def _init_worker(model_proto: bytes, dtype: str) -> None:
     _worker = (processor, np.dtype(dtype))
 
 
-def _encode_in_worker(segments: list[tuple[int, str, int]]) -> tuple[np.ndarray, np.ndarray]:
+def _encode_in_worker(segments: list[tuple[int, str, int]], masks: bool) -> tuple[np.ndarray, ...]:
     assert _worker is not None
-    return encode_segments(_worker[0], _worker[1], segments)
+    return encode_segments(_worker[0], _worker[1], segments, masks)
 
 
 def encode_segments(processor: spm.SentencePieceProcessor, dtype: np.dtype,
-                    segments: list[tuple[int, str, int]]) -> tuple[np.ndarray, np.ndarray]:
-    """Token arrays (train, val) for (split, text, flags) segments; flags add <s> and </s>."""
+                    segments: list[tuple[int, str, int]], masks: bool = False) -> tuple[np.ndarray, ...]:
+    """Token arrays (train, val) for (split, text, flags) segments; flags add <s> and </s>.
+
+    With ``masks`` also (train mask, val mask), a uint8 per token: 1 for the tokens of a segment flagged
+    _LEARN. Each segment is encoded on its own, so its tokens are exactly its text's and the mask's edges fall
+    on token boundaries. The </s> after a learned segment (a conversation's closing reply) is learned too: it
+    is how the model learns to end its reply, which ends the server's generation.
+    """
     encoded = encode_batch(processor, [text for _, text, _ in segments])
     pieces: tuple[list[list[int]], list[list[int]]] = ([], [])
+    learned: tuple[list[bytes], list[bytes]] = ([], [])
     for (split, _, flags), ids in zip(segments, encoded, strict=True):
         if flags & _BOS:
             pieces[split].append([BOS_ID])
         pieces[split].append(ids)
         if flags & _EOS:
             pieces[split].append([EOS_ID])
-    return tuple(  # type: ignore[return-value]
-        np.fromiter(itertools.chain.from_iterable(p), dtype=dtype, count=sum(map(len, p))) for p in pieces
-    )
+        if masks:
+            value = b"\1" if flags & _LEARN else b"\0"
+            learned[split].append(b"\0" * bool(flags & _BOS) + value * (len(ids) + bool(flags & _EOS)))
+    arrays = tuple(np.fromiter(itertools.chain.from_iterable(p), dtype=dtype, count=sum(map(len, p))) for p in pieces)
+    if not masks:
+        return arrays
+    return (*arrays, *(np.frombuffer(b"".join(m), dtype=np.uint8) for m in learned))
 
 
 def _segments(text: str) -> Iterator[tuple[str, int]]:
@@ -618,22 +779,36 @@ class _Totals:
     documents: list[int] = field(default_factory=lambda: [0, 0])
     bytes: list[int] = field(default_factory=lambda: [0, 0])
     tokens: list[int] = field(default_factory=lambda: [0, 0])
+    # Chat data: the tokens the mask lets training learn.
+    learned: list[int] = field(default_factory=lambda: [0, 0])
 
 
-def _chunks(scan: Scan, text_field: str, totals: _Totals) -> Iterator[tuple[list[tuple[int, str, int]], int]]:
+def _document_segments(part: str, pieces: list[tuple[str, bool]] | None) -> Iterator[tuple[str, int]]:
+    """(text, flags) segments of a document's part: cut by ``_segments``, and for a conversation by its pieces."""
+    if pieces is None:
+        yield from _segments(part)
+        return
+    last = len(pieces) - 1
+    for index, (piece, reply) in enumerate(pieces):
+        ends = (_BOS if index == 0 else 0) | (_EOS if index == last else 0)
+        for segment, flags in _segments(piece):
+            yield segment, (flags & ends) | (_LEARN if reply else 0)
+
+
+def _chunks(scan: Scan, data: DataConfig, totals: _Totals) -> Iterator[tuple[list[tuple[int, str, int]], int]]:
     """Worker tasks of about CHUNK_CHARS characters, with the corpus bytes each one covers."""
     ignored: Counter = Counter()
     chunk: list[tuple[int, str, int]] = []
     chars = nbytes = 0
     for source in scan.sources:
         try:
-            for text, raw in iter_documents(source, text_field, ignored):
+            for text, raw, pieces in read_documents(source, data, ignored):
                 for split, part in scan.split.parts(text, raw):
                     part_bytes = len(raw) if part is text else len(part.encode("utf-8"))
                     totals.documents[split] += 1
                     totals.bytes[split] += part_bytes
                     nbytes += part_bytes
-                    for segment, flags in _segments(part):
+                    for segment, flags in _document_segments(part, pieces):
                         chunk.append((split, segment, flags))
                         chars += len(segment)
                         if chars >= CHUNK_CHARS:
@@ -645,27 +820,32 @@ def _chunks(scan: Scan, text_field: str, totals: _Totals) -> Iterator[tuple[list
         yield chunk, nbytes
 
 
-def _encode(scan: Scan, data: DataConfig, tokenizer: Tokenizer, dtype: np.dtype, paths: tuple[Path, Path],
+def _encode(scan: Scan, data: DataConfig, tokenizer: Tokenizer, dtype: np.dtype, paths: Sequence[Path],
             workers: int, parallel_min_bytes: int, reporter: Reporter, totals: _Totals) -> None:
-    """Encode the corpus into the token files ``paths``, counting into ``totals`` as it goes."""
+    """Encode the corpus into the token files ``paths`` (train, val, and for chat data their masks), counting into
+    ``totals`` as it goes."""
     reporter.start("encode", total=scan.bytes, unit="B")
-    with open(paths[TRAIN], "wb") as train_file, open(paths[VAL], "wb") as val_file:
-        files = (train_file, val_file)
+    masks = data.chat
+    with contextlib.ExitStack() as stack:
+        files = [stack.enter_context(open(path, "wb")) for path in paths]
 
-        def write(arrays: tuple[np.ndarray, np.ndarray], nbytes: int) -> None:
-            for split, array in enumerate(arrays):
+        def write(arrays: tuple[np.ndarray, ...], nbytes: int) -> None:
+            for index, array in enumerate(arrays):
                 if array.size:
                     # Not tofile: its short write on a full disk is an OSError without the errno.
-                    files[split].write(array.data)
-                    totals.tokens[split] += int(array.size)
+                    files[index].write(array.data)
+            for split in (TRAIN, VAL):
+                totals.tokens[split] += int(arrays[split].size)
+                if masks:
+                    totals.learned[split] += int(np.count_nonzero(arrays[2 + split]))
             reporter.advance("encode", nbytes)
 
-        tasks = _chunks(scan, data.text_field, totals)
+        tasks = _chunks(scan, data, totals)
         if workers <= 1 or scan.bytes < parallel_min_bytes:
             for segments, nbytes in tasks:
-                write(encode_segments(tokenizer.processor, dtype, segments), nbytes)
+                write(encode_segments(tokenizer.processor, dtype, segments, masks), nbytes)
         else:
-            _encode_parallel(tasks, tokenizer, dtype, workers, write)
+            _encode_parallel(tasks, tokenizer, dtype, workers, write, masks)
         for handle in files:
             handle.flush()
             os.fsync(handle.fileno())
@@ -679,7 +859,7 @@ def _pool_context() -> multiprocessing.context.BaseContext:
     return multiprocessing.get_context("fork" if sys.platform == "linux" and "fork" in methods else "spawn")
 
 
-def _encode_parallel(tasks: Iterator, tokenizer: Tokenizer, dtype: np.dtype, workers: int, write) -> None:
+def _encode_parallel(tasks: Iterator, tokenizer: Tokenizer, dtype: np.dtype, workers: int, write, masks: bool) -> None:
     """Encode tasks in worker processes, writing results in order, with a bounded number in flight.
 
     Pool.imap would read the whole corpus ahead into its queue; submitting a few tasks per worker
@@ -689,7 +869,7 @@ def _encode_parallel(tasks: Iterator, tokenizer: Tokenizer, dtype: np.dtype, wor
     with _pool_context().Pool(workers, initializer=_init_worker, initargs=(tokenizer.model_proto, dtype.str)) as pool:
         pending: deque = deque()
         for segments, nbytes in tasks:
-            pending.append((pool.apply_async(_encode_in_worker, (segments,)), nbytes))
+            pending.append((pool.apply_async(_encode_in_worker, (segments, masks)), nbytes))
             if len(pending) >= in_flight:
                 result, done = pending.popleft()
                 write(result.get(), done)
@@ -750,6 +930,11 @@ def _fingerprint(inventory: Inventory, data: DataConfig, inputs: Sequence[str], 
     if tokenizer_sha256 is not None:
         # Only then: folders made before --tokenizer-from existed stay up to date.
         settings["given_tokenizer"] = tokenizer_sha256
+    # Likewise for folders made before these settings, which then had neither chat nor HTML files.
+    if data.chat:
+        settings["chat"] = True
+    if not data.chat and any(_is_html_name(s.path.name) for s in inventory.sources):
+        settings["html"] = data.html
     return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()
 
 
@@ -865,7 +1050,8 @@ def _preprocess(config: Config, inputs: list[str], out_dir: Path, workers: int, 
     totals = _Totals()
     try:
         encode_started, encode_cpu = time.perf_counter(), _cpu_seconds()
-        bins = (work / split_file_name("train"), work / split_file_name("val"))
+        outputs = [*map(split_file_name, SPLITS), *(map(mask_file_name, SPLITS) if data.chat else ())]
+        bins = [work / name for name in outputs]
         _encode(scan, data, tokenizer, dtype, bins, workers, parallel_min_bytes, reporter, totals)
         encode_s, encode_cpu_s = time.perf_counter() - encode_started, _cpu_seconds() - encode_cpu
         if totals.documents[VAL] == 0 or totals.tokens[TRAIN] == 0:
@@ -889,9 +1075,11 @@ def _preprocess(config: Config, inputs: list[str], out_dir: Path, workers: int, 
             "tokenizer": {"file": TOKENIZER, "sha256": tokenizer.sha256,
                           **tokenizer_settings(tokenizer), **origin},
             "split": scan.split.describe(),
+            "chat": data.chat,
             "splits": {
                 name: {"file": split_file_name(name), "documents": totals.documents[i], "bytes": totals.bytes[i],
-                       "tokens": totals.tokens[i]}
+                       "tokens": totals.tokens[i],
+                       **({"mask_file": mask_file_name(name), "learned_tokens": totals.learned[i]} if data.chat else {})}
                 for i, name in enumerate(SPLITS)
             },
             "sources": scan.source_info,
@@ -907,12 +1095,12 @@ def _preprocess(config: Config, inputs: list[str], out_dir: Path, workers: int, 
             new_manifest.write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
             # From here until the new manifest takes its name the folder is unfinished.
             (out_dir / MANIFEST).unlink(missing_ok=True)
-            for name in (TOKENIZER, *map(split_file_name, SPLITS), CONFIG):
+            for name in (TOKENIZER, *outputs, CONFIG):
                 os.replace(work / name, out_dir / name)
             fsync_dir(out_dir)
     except OSError as exc:
         if (code := no_space_errno(exc)) is not None:
-            needs = _output_bytes(scan, totals, dtype) + len(tokenizer.model_proto)
+            needs = _output_bytes(scan, totals, dtype, data.chat) + len(tokenizer.model_proto)
             raise HetlmError(disk_full_message(out_dir, code, needs)) from exc
         raise HetlmError(f"writing {out_dir} failed: {exc}") from None
     finally:
@@ -920,12 +1108,14 @@ def _preprocess(config: Config, inputs: list[str], out_dir: Path, workers: int, 
     return PreprocessResult(out_dir, manifest)
 
 
-def _output_bytes(scan: Scan, totals: _Totals, dtype: np.dtype) -> int:
-    """The token files' size: what was written, scaled to the whole corpus (at most a token per byte before any)."""
+def _output_bytes(scan: Scan, totals: _Totals, dtype: np.dtype, masks: bool) -> int:
+    """The token (and mask) files' size: what was written, scaled to the whole corpus (at most a token per byte
+    before any)."""
+    per_token = dtype.itemsize + (1 if masks else 0)
     encoded = sum(totals.bytes)
     if not encoded:
-        return (scan.bytes + 2 * scan.documents) * dtype.itemsize
-    return sum(totals.tokens) * dtype.itemsize * scan.bytes // encoded
+        return (scan.bytes + 2 * scan.documents) * per_token
+    return sum(totals.tokens) * per_token * scan.bytes // encoded
 
 
 def _cpu_seconds() -> float:

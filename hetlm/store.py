@@ -5,6 +5,8 @@ Data folder (written by ``hetlm preprocess``)::
     tokenizer.model   the SentencePiece model
     train.bin         token ids, little-endian uint16 (uint32 above 65536 pieces), each document <s> ... </s>
     val.bin
+    train.mask.bin    chat data only (manifest "chat": true): one uint8 per token, 1 where training learns the
+    val.mask.bin      token (the assistant's replies), 0 where it is only context
     config.yaml       the resolved configuration
     manifest.json     written last: format version, dtype, tokenizer sha256, per-split counts, sources
 
@@ -163,6 +165,10 @@ def split_file_name(split: str) -> str:
     return f"{split}.bin"
 
 
+def mask_file_name(split: str) -> str:
+    return f"{split}.mask.bin"
+
+
 def finished_data_manifest(folder: Path) -> dict[str, Any] | None:
     """The manifest of ``folder`` when every file it lists is there at its size; None otherwise (no errors)."""
     manifest = _read_json(Path(folder) / MANIFEST)
@@ -173,6 +179,8 @@ def finished_data_manifest(folder: Path) -> dict[str, Any] | None:
         for split in SPLITS:
             entry = manifest["splits"][split]
             if (Path(folder) / entry["file"]).stat().st_size != entry["tokens"] * itemsize:
+                return None
+            if manifest.get("chat") and (Path(folder) / entry["mask_file"]).stat().st_size != entry["tokens"]:
                 return None
     except (KeyError, TypeError, OSError):
         return None
@@ -191,6 +199,18 @@ def open_split(path: str | Path, split: str, manifest: dict[str, Any] | None = N
     if not file.is_file() or file.stat().st_size != expected:
         raise HetlmError(f"{file} is missing or truncated (expected {expected} bytes); run `hetlm preprocess --force`")
     return np.memmap(file, dtype=dtype, mode="r")
+
+
+def open_mask(path: str | Path, split: str, manifest: dict[str, Any]) -> np.memmap | None:
+    """The loss mask of ``split`` of a chat data folder (uint8, one per token, 1 = learned), None for plain data."""
+    if not manifest.get("chat"):
+        return None
+    entry = manifest["splits"][split]
+    file = Path(path) / entry.get("mask_file", mask_file_name(split))
+    if not file.is_file() or file.stat().st_size != entry["tokens"]:
+        raise HetlmError(f"{file} is missing or truncated (expected {entry['tokens']} bytes); "
+                         "run `hetlm preprocess --force`")
+    return np.memmap(file, dtype=np.uint8, mode="r")
 
 
 @dataclass(frozen=True)
@@ -219,6 +239,14 @@ class DataFolder:
 
     def split(self, name: str) -> np.memmap:
         return open_split(self.path, name, self.manifest)
+
+    @property
+    def chat(self) -> bool:
+        return bool(self.manifest.get("chat"))
+
+    def mask(self, name: str) -> np.memmap | None:
+        """The loss mask of split ``name`` (see ``open_mask``)."""
+        return open_mask(self.path, name, self.manifest)
 
     def split_tokens(self, name: str) -> int:
         return int(self.manifest.get("splits", {}).get(name, {}).get("tokens", 0))

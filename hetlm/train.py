@@ -33,12 +33,20 @@ import torch.distributed as tdist
 
 from hetlm.build import InitSource, build_run, check_compatible, config_changes, default_run_dir, resolve_config
 from hetlm.config import Config, TrainConfig, parse_duration
-from hetlm.data import PrefetchLoader, fixed_starts, gather_windows, split_inputs_targets
+from hetlm.data import (
+    MaskedBatch,
+    PrefetchLoader,
+    fixed_starts,
+    gather_target_masks,
+    gather_windows,
+    split_inputs_targets,
+    split_masked,
+)
 from hetlm.errors import HetlmError, UsageError
 from hetlm.evaluate import count_bytes, token_byte_lengths
 from hetlm.io import disk_full_errors
 from hetlm.metrics import MetricsLog, eval_record, finite, plot_losses
-from hetlm.model import flops_per_token
+from hetlm.model import flops_per_token, next_token_loss
 from hetlm.offload import OptimizerOffload
 from hetlm.parallel import (full_optimizer_state, full_weights, global_norm, load_sharded_optimizer_state, replicate,
                             shard)
@@ -181,18 +189,30 @@ def make_optimizer(named_parameters: Any, train: TrainConfig, device: torch.devi
 
 
 @torch.no_grad()
-def mean_loss(model: torch.nn.Module, windows: torch.Tensor, autocast: Any, batch_size: int) -> float:
-    """Mean next-token loss over fixed ``windows`` (N, T + 1); draws no random numbers."""
+def mean_loss(model: torch.nn.Module, windows: torch.Tensor, autocast: Any, batch_size: int,
+              masks: torch.Tensor | None = None) -> float:
+    """Mean next-token loss over fixed ``windows`` (N, T + 1); draws no random numbers.
+
+    With ``masks`` (N, T), which targets are learned (chat data), the mean is over those targets alone: the
+    loss of the replies, which is what training lowers, not of the prompts around them.
+    """
     was_training = model.training
     model.eval()
     total = torch.zeros((), dtype=torch.float64, device=windows.device)
     for start in range(0, len(windows), batch_size):
-        x, y = split_inputs_targets(windows[start : start + batch_size])
+        rows = slice(start, start + batch_size)
+        if masks is not None:
+            x, y = split_masked(windows[rows], masks[rows])
+            with autocast():
+                logits, _ = model(x)
+            total += next_token_loss(logits, y, "sum").double()
+            continue
+        x, y = split_inputs_targets(windows[rows])
         with autocast():
             _, loss = model(x, y)
         total += loss.double() * len(x)
     model.train(was_training)
-    return (total / len(windows)).item()
+    return (total / (masks.sum() if masks is not None else len(windows))).item()
 
 
 class TrainStep:
@@ -243,18 +263,29 @@ class TrainStep:
             _wait(self.loss_sum.device)
             began = time.monotonic()
         for micro in range(self.accumulation):
-            x, y = split_inputs_targets(next(batches))
+            batch = next(batches)
+            masked = isinstance(batch, MaskedBatch)
+            x, y = batch.inputs_targets() if masked else split_inputs_targets(batch)
             last = micro == self.accumulation - 1
             if last and self.offload is not None:
                 self.offload.arm(lr)
             # Each micro-batch's mean loss weighs by its share of the step's tokens, so uneven micro-batches and
             # uneven processes give the gradient of one mean over the whole step; DDP's average over processes is
-            # cancelled by the world size. Only each process's last micro-batch synchronises, however many it has.
+            # cancelled by ``reduce_scale``. Under DDP only each process's last micro-batch synchronises, however
+            # many it has.
+            # With a loss mask the step's loss is the mean over its learned targets: each micro-batch's sum over
+            # its own weighs by 1 / the step's count (which the loader has from all the step's windows), and a step
+            # with none has a zero loss and gradient instead of 0/0 (AdamW's momentum still moves the weights).
             share = len(x) / self.step_sequences if self.step_sequences else 1 / self.accumulation
             sync = contextlib.nullcontext() if self.ddp is None or last else self.ddp.no_sync()
             with sync:
                 with self.plan.autocast():
-                    _, loss = self.step_model(x, y)
+                    if masked:
+                        logits, _ = self.step_model(x)
+                        loss = next_token_loss(logits, y, "sum")
+                        share = 1 / max(batch.step_targets, 1)
+                    else:
+                        _, loss = self.step_model(x, y)
                 if timed and last and self.world_size > 1:
                     # After the forward pass: DDP's first bucket rebuild and FSDP2's gathers are collectives there,
                     # which every process must reach in the same order as this one.
@@ -796,8 +827,12 @@ class Trainer:
         self.generator.set_state(saved[0]["data"])
 
     def _open_data(self) -> tuple[np.ndarray, torch.Tensor | None, int]:
-        """The train split, the fixed validation windows (on the device) and the UTF-8 bytes of their targets."""
+        """The train split, the fixed validation windows (on the device) and the UTF-8 bytes of their targets.
+
+        For chat data it also sets ``val_masks``, which of those targets are learned, and the bytes are theirs.
+        """
         T = self.config.model.context_length
+        self.val_masks: torch.Tensor | None = None
         train_tokens = self.data.split("train")
         if len(train_tokens) < T + 1:
             raise UsageError(
@@ -809,9 +844,17 @@ class Trainer:
             self.reporter.warning(f"the validation split has {val_tokens} tokens, fewer than a window of {T + 1}: no evaluation")
             return train_tokens, None, 0
         val = self.data.split("val")
-        windows = gather_windows(val, fixed_starts(len(val), T + 1, self.train_cfg.eval_windows), T + 1)
+        starts = fixed_starts(len(val), T + 1, self.train_cfg.eval_windows)
+        windows = gather_windows(val, starts, T + 1)
+        targets = windows[:, 1:]
+        if (val_mask := self.data.mask("val")) is not None:
+            masks = gather_target_masks(val_mask, starts, T + 1)
+            if not masks.any():
+                self.reporter.warning("the validation windows hold no assistant reply: no evaluation")
+                return train_tokens, None, 0
+            self.val_masks, targets = masks.to(self.device), targets[masks]
         lengths = token_byte_lengths(Tokenizer.load(self.data.tokenizer_path))
-        return train_tokens, windows.to(self.device), count_bytes(windows[:, 1:].numpy().ravel(), lengths)
+        return train_tokens, windows.to(self.device), count_bytes(targets.numpy().ravel(), lengths)
 
     # -- the run
 
@@ -841,6 +884,7 @@ class Trainer:
             self.train_tokens, self.micro_batch, T + 1, self.generator, prefetch=self.plan.prefetch,
             device=self.device, pin_memory=self.plan.pin_memory, non_blocking=self.plan.non_blocking,
             step_sequences=self.step_sequences, take=self.take, micro_sizes=self.micro_sizes,
+            mask=self.data.mask("train"),
         )
         self.reporter.info(
             f"training {self.run_dir.path} from step {state.step} ({self.loaded_from.path.name}) to {tc.max_steps}: "
@@ -1046,9 +1090,10 @@ class Trainer:
         return eta
 
     def _evaluate(self) -> dict[str, Any]:
-        loss = mean_loss(self.model, self.val_windows, self.plan.autocast, self.micro_batch)
+        loss = mean_loss(self.model, self.val_windows, self.plan.autocast, self.micro_batch, self.val_masks)
         step = self.state.step
-        record = eval_record(step, loss, self.val_windows[:, 1:].numel(), self.val_bytes)
+        targets = int(self.val_masks.sum()) if self.val_masks is not None else self.val_windows[:, 1:].numel()
+        record = eval_record(step, loss, targets, self.val_bytes)
         if math.isfinite(loss) and (self.state.best is None or loss < self.state.best[0]):
             self.state.best = (loss, step)
         return record

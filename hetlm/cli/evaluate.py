@@ -17,7 +17,7 @@ from hetlm.cli.options import SetOption, key_help
 from hetlm.cli.render import RichReporter, stderr, stdout, weights_line
 from hetlm.errors import HetlmError, UsageError
 from hetlm.evaluate import evaluate, text_tokens
-from hetlm.store import open_split, read_data_manifest
+from hetlm.store import open_mask, open_split, read_data_manifest
 from hetlm.tokenizer import Tokenizer
 
 # The model's shape and tokenizer come with the weights; only these sections may be overridden.
@@ -39,7 +39,8 @@ def evaluate_command(
     json_: Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout instead of a table.")] = False,
     set_: SetOption = None,
 ) -> None:
-    """Loss, perplexity and bits per byte of a model on a data split or text files, every token scored once."""
+    """Loss, perplexity and bits per byte of a model on a data split or text files, every token scored once (of a chat
+    folder, every token of the assistant replies)."""
     if more_text and not text:
         raise UsageError(f"unexpected argument {more_text[0]} (text files go after --text)")
     files = [*(text or []), *(more_text or [])]
@@ -54,6 +55,7 @@ def evaluate_command(
         raise UsageError("--max-tokens and --stride must be >= 0")
     tokenizer = Tokenizer.load(loaded.tokenizer_path)
     chars = None
+    learned = None
     if files:
         tokens, _, chars = text_tokens(tokenizer, files)
         source, inputs = "text", [str(f) for f in files]
@@ -65,11 +67,12 @@ def evaluate_command(
             raise UsageError(f"data folder {folder} was made with another tokenizer than the model {loaded.path}: "
                              "evaluate on the data the model was trained with, or use --text")
         tokens = open_split(folder, split, manifest)
+        learned = open_mask(folder, split, manifest)
         source, inputs = split, [str(folder)]
     with RichReporter() as reporter:
         result = evaluate(loaded.model, tokenizer, tokens, source=source, inputs=inputs, checkpoint=str(loaded.path),
                           stride=stride, max_tokens=max_tokens, batch_size=config.eval.batch_size, plan=plan,
-                          chars=chars, reporter=reporter)
+                          chars=chars, reporter=reporter, learned=learned)
     stderr.print(weights_line(plan, plan.weights_in_use(loaded.model)), highlight=False, markup=False, soft_wrap=True)
     record = result.to_dict()
     # The score first: a run folder that cannot be written to must not cost the result.

@@ -24,8 +24,9 @@ def preprocess_cmd(
     inputs: Annotated[
         Optional[list[str]],
         typer.Argument(
-            help="Files, folders (recursive) and glob patterns: plain text of any extension, .jsonl, and .gz of "
-            f"either. None: the built-in corpus {BUILTIN_CORPUS} (this Python's standard library source and docs).",
+            help="Files, folders (recursive) and glob patterns: plain text of any extension, .jsonl, .html (as its "
+            "text), and .gz of each; with --chat, JSON Lines of conversations. None: the built-in corpus "
+            f"{BUILTIN_CORPUS} (this Python's standard library source and docs).",
             show_default=False,
         ),
     ] = None,
@@ -67,20 +68,25 @@ def preprocess_cmd(
         typer.Option("--exclude", help="Leave out files whose name or path matches this glob (repeatable), e.g. "
                      "'*/tests/*'.", show_default=False),
     ] = None,
+    chat: Annotated[bool, typer.Option("--chat", help=key_help("data.chat"), show_default=False)] = False,
+    html: Annotated[Optional[str], typer.Option("--html", help=key_help("data.html"), show_default=False)] = None,
     force: Annotated[bool, typer.Option("--force", "-f", help="Redo the work even if the folder is up to date.")] = False,
     config: ConfigOption = None,
     set_: SetOption = None,
 ) -> None:
     """Train a lossless tokenizer on your text and write the train/val token streams.
 
-    Writes DIR/tokenizer.model, train.bin, val.bin, config.yaml and manifest.json, and prints DIR on stdout.
+    Writes DIR/tokenizer.model, train.bin, val.bin (with --chat also train.mask.bin and val.mask.bin, which
+    mark the assistant replies training learns), config.yaml and manifest.json, and prints DIR on stdout.
     """
     resolved = load_config(config, set_ or [])
     data = resolved.data
     for key, value in (("vocab_size", vocab_size), ("tokenizer", tokenizer), ("val_fraction", val_fraction),
-                       ("workers", workers), ("text_field", text_field)):
+                       ("workers", workers), ("text_field", text_field), ("html", html)):
         if value is not None:
             setattr(data, key, value)
+    if chat:
+        data.chat = True
     data.validate()
     given = Tokenizer.load(tokenizer_source(tokenizer_from)) if tokenizer_from is not None else None
     with RichReporter(stderr) as reporter:
@@ -90,6 +96,8 @@ def preprocess_cmd(
                             exclude=exclude or ())
     stderr.print(summary_table(result.manifest))
     if line := characters_line(result.manifest):
+        stderr.print(line, highlight=False, markup=False)
+    if line := learned_line(result.manifest):
         stderr.print(line, highlight=False, markup=False)
     if skipped := result.manifest.get("skipped"):
         stderr.print("skipped: " + escape(", ".join(f"{n} {reason}" for reason, n in skipped.items())), highlight=False)
@@ -116,6 +124,14 @@ def summary_table(manifest: dict[str, Any]) -> Table:
         ratio = entry["bytes"] / entry["tokens"] if entry["tokens"] else 0.0
         table.add_row(name, f"{entry['documents']:,}", f"{entry['bytes']:,}", f"{entry['tokens']:,}", f"{ratio:.2f}")
     return table
+
+
+def learned_line(manifest: dict[str, Any]) -> str | None:
+    """For chat data, how much of each split training learns (the assistant replies)."""
+    if not manifest.get("chat"):
+        return None
+    return "learned (assistant replies): " + ", ".join(
+        f"{name} {entry['learned_tokens']:,} of {entry['tokens']:,} tokens" for name, entry in manifest["splits"].items())
 
 
 def characters_line(manifest: dict[str, Any]) -> str | None:
