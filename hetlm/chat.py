@@ -67,8 +67,9 @@ class Conversation:
 
     @property
     def reply_room(self) -> int:
-        """Tokens the history leaves free for a reply: max_new_tokens, but at most half the context, so that a long
-        reply budget (the default is 256 tokens, beyond many small models' context) does not leave room for no history."""
+        """Tokens the history leaves free for a reply: max_new_tokens, at most half the context, so that the default
+        budget of 256 tokens, more than many small models' context, still leaves room for history. A longer reply goes
+        on, as generate's does, with the window sliding."""
         return min(self.settings.max_new_tokens, self.sampler.context_length // 2)
 
     def reset(self) -> None:
