@@ -29,6 +29,7 @@ def test_key_help_states_the_fields_help_choices_and_default():
     ("eval", "--stride", "eval.stride"),
     ("generate", "--temperature -t", "sample.temperature"),
     ("generate", "--quantize", "sample.quantize"),
+    ("chat", "--temperature -t", "sample.temperature"),
     ("serve", "--port", "serve.port"),
 ])
 def test_option_help_comes_from_the_field(cli, command, option, key):

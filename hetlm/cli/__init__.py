@@ -6,7 +6,7 @@ from hetlm.openmp import set_wait_policy
 set_wait_policy()
 
 # Each stage registers its commands on ``app`` when imported, and help lists them in that order: the pipeline's.
-from hetlm.cli import preprocess, plan, build, train, evaluate, generate, deploy, serve, config  # noqa: E402, F401, I001
+from hetlm.cli import preprocess, plan, build, train, evaluate, generate, chat, deploy, serve, config  # noqa: E402, F401, I001
 from hetlm.cli.app import app, main, run  # noqa: E402
 
 __all__ = ["app", "main", "run"]

@@ -11,7 +11,15 @@ import typer
 from hetlm.cli.app import app
 from hetlm.cli.evaluate import OVERRIDABLE
 from hetlm.cli.loading import TargetArgument, load_for_inference
-from hetlm.cli.options import SetOption, key_help
+from hetlm.cli.options import (
+    MaxNewTokensOption,
+    QuantizeOption,
+    SeedOption,
+    SetOption,
+    TemperatureOption,
+    TopKOption,
+    TopPOption,
+)
 from hetlm.cli.render import RichReporter, stderr, weights_line
 from hetlm.errors import UsageError
 from hetlm.sampling import Sampler, encode_prompt, make_generator
@@ -27,25 +35,18 @@ def generate_command(
     prompt: Annotated[Optional[str], typer.Option("--prompt", "-p", help="The prompt text.", show_default=False)] = None,
     prompt_file: Annotated[Optional[Path], typer.Option(
         "--prompt-file", help="Read the prompt from this UTF-8 file.", show_default=False)] = None,
-    max_new_tokens: Annotated[Optional[int], typer.Option(
-        "--max-new-tokens", "-n", help=key_help("sample.max_new_tokens"), show_default=False)] = None,
-    temperature: Annotated[Optional[float], typer.Option(
-        "--temperature", "-t", help=key_help("sample.temperature"), show_default=False)] = None,
-    top_k: Annotated[Optional[int], typer.Option(
-        "--top-k", help=key_help("sample.top_k"), show_default=False)] = None,
-    top_p: Annotated[Optional[float], typer.Option(
-        "--top-p", help=key_help("sample.top_p"),
-        show_default=False)] = None,
-    seed: Annotated[Optional[int], typer.Option(
-        "--seed", help=key_help("sample.seed"), show_default=False)] = None,
+    max_new_tokens: MaxNewTokensOption = None,
+    temperature: TemperatureOption = None,
+    top_k: TopKOption = None,
+    top_p: TopPOption = None,
+    seed: SeedOption = None,
     stop: Annotated[Optional[list[str]], typer.Option(
         "--stop", help="End the text before this string (repeatable).", show_default=False)] = None,
     num_samples: Annotated[int, typer.Option("--num-samples", help="Samples drawn as one batch.")] = 1,
     no_stream: Annotated[bool, typer.Option("--no-stream", help="Print the text when it is complete.")] = False,
     verbose: Annotated[bool, typer.Option(
         "--verbose", "-v", help="Also show where the model's parts sit and the memory they hold beside the plan's.")] = False,
-    quantize: Annotated[Optional[str], typer.Option(
-        "--quantize", help=key_help("sample.quantize"), show_default=False)] = None,
+    quantize: QuantizeOption = None,
     set_: SetOption = None,
 ) -> None:
     """Continue a prompt: text streams to stdout as it is generated, statistics go to stderr.

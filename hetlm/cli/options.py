@@ -34,3 +34,15 @@ def key_help(key: str) -> str:
     choices = f" [{info.kind}]" if info.choices else ""
     # Escaped: the app renders help as Rich markup, which would take [default: ...] for a tag.
     return escape(f"{info.help}{choices} [default: {key}, {info.default_text}]")
+
+
+# The sampling options of the commands that sample (generate, chat); None keeps the model's sample.* setting.
+MaxNewTokensOption = Annotated[Optional[int], typer.Option(
+    "--max-new-tokens", "-n", help=key_help("sample.max_new_tokens"), show_default=False)]
+TemperatureOption = Annotated[Optional[float], typer.Option(
+    "--temperature", "-t", help=key_help("sample.temperature"), show_default=False)]
+TopKOption = Annotated[Optional[int], typer.Option("--top-k", help=key_help("sample.top_k"), show_default=False)]
+TopPOption = Annotated[Optional[float], typer.Option("--top-p", help=key_help("sample.top_p"), show_default=False)]
+SeedOption = Annotated[Optional[int], typer.Option("--seed", help=key_help("sample.seed"), show_default=False)]
+QuantizeOption = Annotated[Optional[str], typer.Option(
+    "--quantize", help=key_help("sample.quantize"), show_default=False)]
