@@ -8,13 +8,59 @@ from typing import Annotated, Optional
 
 import typer
 from rich.markup import escape
+from typer.core import TyperCommand, TyperGroup
 
 from hetlm import __version__
 from hetlm.cli.render import stderr
 from hetlm.errors import HetlmError
 
-app = typer.Typer(
+
+def _switches_take_no_value(params: list) -> list:
+    # Typer shows every option's type, so a flag reads as "--json <bool>" as if it wanted a value.
+    for param in params:
+        if getattr(param, "is_flag", False) and param.metavar is None:
+            param.metavar = ""
+    return params
+
+
+class Command(TyperCommand):
+    """A command whose help shows flags as bare switches and arguments as TARGET / [NAME]... in the usage line."""
+
+    def get_params(self, ctx):
+        return _switches_take_no_value(super().get_params(ctx))
+
+    def collect_usage_pieces(self, ctx):
+        # Typer writes a required argument as {target}; the usual TARGET and [OPTIONAL]... read plainer.
+        pieces = [self.options_metavar] if self.options_metavar else []
+        for param in self.get_params(ctx):
+            if param.param_type_name == "argument":
+                name = (param.metavar or param.name).upper()
+                pieces.append((name if param.required else f"[{name}]") + ("..." if param.nargs != 1 else ""))
+        return pieces
+
+
+class Group(TyperGroup):
+    """A command group whose help shows flags as bare switches."""
+
+    def get_params(self, ctx):
+        return _switches_take_no_value(super().get_params(ctx))
+
+
+class Typer(typer.Typer):
+    """typer.Typer whose commands are ``Command``s."""
+
+    def command(self, *args, cls: type[TyperCommand] = Command, **kwargs):
+        return super().command(*args, cls=cls, **kwargs)
+
+
+def examples(*lines: str) -> str:
+    """A command's epilog: example command lines, one per line (Rich keeps single newlines in an epilog)."""
+    return "Examples:\n" + "\n".join(escape(line) for line in lines)
+
+
+app = Typer(
     name="hetlm",
+    cls=Group,
     help="Train, evaluate and deploy a small language model on the hardware you have.",
     no_args_is_help=True,
     rich_markup_mode="rich",

@@ -6,7 +6,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from hetlm.build import build_run, default_run_dir, resolve_config
-from hetlm.cli.app import app
+from hetlm.cli.app import app, examples
 from hetlm.cli.options import ConfigOption, OutOption, SetOption
 from hetlm.cli.render import RichReporter, plan_table, stdout
 from hetlm.config import Config, load_config
@@ -22,7 +22,10 @@ def plan_for(config: Config) -> tuple[Config, Plan]:
     return resolved, make_plan(detect_inventory(), resolved, "train", world_size=world_size, local_rank=local_rank)
 
 
-@app.command("build")
+@app.command("build", epilog=examples(
+    "hetlm build --config configs/tiny.yaml",
+    "hetlm build --config configs/tiny.yaml --set model.n_layers=6 --out runs/tiny-deeper",
+))
 def build(config: ConfigOption = None, set_: SetOption = None, out: OutOption = None) -> None:
     """Build the model against the data folder's tokenizer and write the run folder with its step-0 checkpoint."""
     resolved, plan = plan_for(load_config(config, set_ or []))

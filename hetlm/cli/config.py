@@ -10,24 +10,28 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from hetlm.cli.app import app
+from hetlm.cli.app import Group, Typer, app, examples
 from hetlm.cli.options import ConfigOption, SetOption
 from hetlm.cli.render import stdout
 from hetlm.config import KeyInfo, describe_keys, load_config
 from hetlm.errors import UsageError
 
-config_app = typer.Typer(help="Inspect configuration.", no_args_is_help=True)
+config_app = Typer(help="Inspect configuration: the resolved settings and every key.", no_args_is_help=True, cls=Group,
+                   epilog=examples("hetlm config show --config configs/tiny.yaml", "hetlm config keys"))
 app.add_typer(config_app, name="config")
 
 
-@config_app.command("show")
+@config_app.command("show", epilog=examples(
+    "hetlm config show --config configs/tiny.yaml",
+    "hetlm config show --config configs/tiny.yaml --set train.learning_rate=1e-3",
+))
 def show(config: ConfigOption = None, set_: SetOption = None) -> None:
     """Print the resolved configuration (defaults < --config file < --set) as YAML."""
     resolved = load_config(config, set_ or [])
     stdout.print(resolved.to_yaml(), end="", highlight=False, markup=False)
 
 
-@config_app.command("keys")
+@config_app.command("keys", epilog=examples("hetlm config keys", "hetlm config keys --json"))
 def keys(
     markdown: Annotated[bool, typer.Option("--markdown", help="Print the Markdown table of the README instead.")] = False,
     as_json: Annotated[bool, typer.Option(

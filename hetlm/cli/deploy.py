@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from hetlm.cli.app import app
+from hetlm.cli.app import app, examples
 from hetlm.cli.render import RichReporter, stdout
 from hetlm.deploy import FORMATS, deploy
 from hetlm.gguf_export import GGUF_DTYPES
@@ -16,7 +16,11 @@ from hetlm.model import DTYPES
 TargetArgument = Annotated[Path, typer.Argument(help="A run folder, a checkpoint folder or a bundle.", show_default=False)]
 
 
-@app.command("deploy")
+@app.command("deploy", epilog=examples(
+    "hetlm deploy runs/tiny --out bundles/tiny",
+    "hetlm deploy runs/tiny --out bundles/tiny-gguf --format gguf --dtype q8_0",
+    "hetlm deploy runs/tiny --out bundles/tiny-latest --latest --dtype bf16",
+))
 def deploy_command(
     target: TargetArgument,
     out: Annotated[Path, typer.Option("--out", "-o", help="The bundle folder to write.", show_default=False)],

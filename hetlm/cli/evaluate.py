@@ -11,7 +11,7 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from hetlm.cli.app import app
+from hetlm.cli.app import app, examples
 from hetlm.cli.loading import TargetArgument, load_for_inference
 from hetlm.cli.options import SetOption, key_help
 from hetlm.cli.render import RichReporter, stderr, stdout, weights_line
@@ -26,12 +26,13 @@ OVERRIDABLE = ("device", "eval", "sample")
 
 def evaluate_command(
     target: TargetArgument,
-    more_text: Annotated[Optional[list[Path]], typer.Argument(hidden=True, metavar="FILE", show_default=False)] = None,
+    more_text: Annotated[Optional[list[Path]], typer.Argument(
+        metavar="text_file", help="More text files for --text: --text A B is --text A --text B.", show_default=False)] = None,
     data: Annotated[Optional[Path], typer.Option(
         "--data", help="Data folder to score \\[default: the model's data.dir].", show_default=False)] = None,
     text: Annotated[Optional[list[Path]], typer.Option(
         "--text", help="Score these text files instead, tokenized with the model's tokenizer, each as <s> text </s> "
-        "(--text A B or --text A --text B).", show_default=False)] = None,
+        "(--text A B or --text A --text B).", metavar="<path>", show_default=False)] = None,
     split: Annotated[str, typer.Option("--split", help="Split of the data folder: val or train.")] = "val",
     max_tokens: Annotated[Optional[int], typer.Option(
         "--max-tokens", help=key_help("eval.max_tokens"), show_default=False)] = None,
@@ -111,7 +112,12 @@ def _table(record: dict) -> Table:
     return table
 
 
-app.command("eval")(evaluate_command)
-app.command("evaluate", help="Same as `hetlm eval`.")(evaluate_command)
+EXAMPLES = examples(
+    "hetlm eval runs/tiny",
+    "hetlm eval runs/tiny --split train --max-tokens 20000 --json",
+    "hetlm eval bundles/tiny --text README.md",
+)
+app.command("eval", epilog=EXAMPLES)(evaluate_command)
+app.command("evaluate", help="Same as hetlm eval.", epilog=EXAMPLES)(evaluate_command)
 
 

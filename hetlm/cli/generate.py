@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from hetlm.cli.app import app
+from hetlm.cli.app import app, examples
 from hetlm.cli.evaluate import OVERRIDABLE
 from hetlm.cli.loading import TargetArgument, load_for_inference
 from hetlm.cli.options import (
@@ -27,11 +27,16 @@ from hetlm.sampling_settings import SamplingSettings
 from hetlm.tokenizer import Tokenizer
 
 
-@app.command("generate")
+@app.command("generate", epilog=examples(
+    'hetlm generate runs/tiny --prompt "def main(" --max-new-tokens 80 --seed 0',
+    "hetlm generate bundles/tiny --prompt-file hetlm/__main__.py --temperature 0 --max-new-tokens 40",
+    'hetlm generate runs/tiny --prompt "import " --num-samples 3 --top-p 0.9 --stop "def "',
+))
 def generate_command(
     target: TargetArgument,
     stdin: Annotated[Optional[str], typer.Argument(
-        metavar="[-]", help="'-' reads the prompt from standard input.", show_default=False)] = None,
+        metavar="-", help="Read the prompt from standard input (instead of --prompt or --prompt-file).",
+        show_default=False)] = None,
     prompt: Annotated[Optional[str], typer.Option("--prompt", "-p", help="The prompt text.", show_default=False)] = None,
     prompt_file: Annotated[Optional[Path], typer.Option(
         "--prompt-file", help="Read the prompt from this UTF-8 file.", show_default=False)] = None,
@@ -41,7 +46,7 @@ def generate_command(
     top_p: TopPOption = None,
     seed: SeedOption = None,
     stop: Annotated[Optional[list[str]], typer.Option(
-        "--stop", help="End the text before this string (repeatable).", show_default=False)] = None,
+        "--stop", help="End the text before this string (repeatable).", metavar="<text>", show_default=False)] = None,
     num_samples: Annotated[int, typer.Option("--num-samples", help="Samples drawn as one batch.")] = 1,
     no_stream: Annotated[bool, typer.Option("--no-stream", help="Print the text when it is complete.")] = False,
     verbose: Annotated[bool, typer.Option(

@@ -16,11 +16,12 @@ ConfigOption = Annotated[
 ]
 SetOption = Annotated[
     Optional[list[str]],
-    typer.Option("--set", "-s", help="Override one key: section.key=value (repeatable).", show_default=False),
+    typer.Option("--set", "-s", help="Override one key: section.key=value (repeatable).", metavar="<key=value>",
+                 show_default=False),
 ]
 OutOption = Annotated[
     Optional[Path],
-    typer.Option("--out", "-o", help="Run folder (default: runs/<config name>).", show_default=False),
+    typer.Option("--out", "-o", help="Run folder \\[default: runs/<config name>].", show_default=False),
 ]
 
 

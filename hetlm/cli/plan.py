@@ -11,7 +11,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from hetlm.build import resolve_config
-from hetlm.cli.app import app
+from hetlm.cli.app import app, examples
 from hetlm.cli.options import ConfigOption, SetOption
 from hetlm.cli.render import plan_table, size, stderr, stdout
 from hetlm.config import Config, load_config
@@ -30,7 +30,11 @@ from hetlm.planner import (
 from hetlm.store import DataFolder, finished_data_manifest
 
 
-@app.command("plan")
+@app.command("plan", epilog=examples(
+    "hetlm plan --config configs/tiny.yaml",
+    "hetlm plan --config configs/tiny.yaml --workload generate",
+    "hetlm plan --inventory tests/inventories/one-8gb-gpu.json --config configs/small.yaml",
+))
 def plan(
     config: ConfigOption = None,
     set_: SetOption = None,

@@ -10,7 +10,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from hetlm.build import tokenizer_source
-from hetlm.cli.app import app
+from hetlm.cli.app import app, examples
 from hetlm.cli.options import ConfigOption, SetOption, key_help
 from hetlm.cli.render import RichReporter, stderr, stdout
 from hetlm.config import load_config
@@ -19,7 +19,11 @@ from hetlm.preprocess import BUILTIN_CORPUS, preprocess
 from hetlm.tokenizer import Tokenizer
 
 
-@app.command("preprocess")
+@app.command("preprocess", epilog=examples(
+    "hetlm preprocess",
+    "hetlm preprocess hetlm/ README.md --include '*.py' --include '*.md' --vocab-size 2048 --out data/hetlm-src",
+    "hetlm preprocess hetlm/ --include '*.py' --tokenizer-from runs/tiny --out data/hetlm-src-tiny",
+))
 def preprocess_cmd(
     inputs: Annotated[
         Optional[list[str]],
@@ -61,12 +65,12 @@ def preprocess_cmd(
     include: Annotated[
         Optional[list[str]],
         typer.Option("--include", help="Only take files whose name or path matches this glob (repeatable), e.g. '*.md'.",
-                     show_default=False),
+                     metavar="<glob>", show_default=False),
     ] = None,
     exclude: Annotated[
         Optional[list[str]],
         typer.Option("--exclude", help="Leave out files whose name or path matches this glob (repeatable), e.g. "
-                     "'*/tests/*'.", show_default=False),
+                     "'*/tests/*'.", metavar="<glob>", show_default=False),
     ] = None,
     chat: Annotated[bool, typer.Option("--chat", help=key_help("data.chat"), show_default=False)] = False,
     html: Annotated[Optional[str], typer.Option("--html", help=key_help("data.html"), show_default=False)] = None,

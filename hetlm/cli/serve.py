@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from hetlm.cli.app import app
+from hetlm.cli.app import app, examples
 from hetlm.cli.loading import load_for_inference
 from hetlm.cli.options import SetOption, key_help
 from hetlm.cli.render import RichReporter, stderr
@@ -27,7 +27,11 @@ API_KEY_ENV = "HETLM_API_KEY"
 TargetArgument = Annotated[Path, typer.Argument(help="A run folder, a checkpoint folder or a bundle.", show_default=False)]
 
 
-@app.command("serve")
+@app.command("serve", epilog=examples(
+    "hetlm serve bundles/tiny",
+    "hetlm serve runs/tiny --port 8080 --max-concurrency 4",
+    "hetlm serve bundles/tiny --model-name tiny --set sample.temperature=0.7",
+))
 def serve_command(
     target: TargetArgument,
     host: Annotated[Optional[str], typer.Option("--host", help=key_help("serve.host"),
@@ -47,7 +51,8 @@ def serve_command(
 ) -> None:
     """Serve a run, checkpoint or bundle over an OpenAI-compatible HTTP API (/v1/completions, /v1/chat/completions).
 
-    serve.*, sample.* and device.* settings come from the model's saved config, then --set, then the options above.
+    serve.*, sample.* and device.* settings come from the model's saved config; --set overrides them, and
+    --host, --port and --max-concurrency override both.
     """
     if SERVE_MISSING is not None:
         raise HetlmError(f"hetlm serve needs FastAPI and uvicorn ({SERVE_MISSING}): pip install 'hetlm[serve]'")

@@ -11,7 +11,7 @@ from rich.progress import BarColumn, SpinnerColumn, TextColumn, TimeElapsedColum
 from rich.table import Table
 
 from hetlm.build import default_run_dir, init_config, open_init
-from hetlm.cli.app import app
+from hetlm.cli.app import app, examples
 from hetlm.cli.build import plan_for
 from hetlm.cli.options import ConfigOption, OutOption, SetOption, key_help
 from hetlm.cli.render import RichReporter, stderr, stdout
@@ -103,7 +103,11 @@ def _summary(result: TrainResult) -> Table:
     return table
 
 
-@app.command("train")
+@app.command("train", epilog=examples(
+    "hetlm train --config configs/tiny.yaml",
+    "hetlm train runs/tiny --max-steps 600",
+    "hetlm train --init runs/tiny --config configs/tiny.yaml --out runs/tiny-ft --max-steps 100",
+))
 def train_command(
     run: Annotated[
         Optional[Path], typer.Argument(help="Run folder to train or continue (the same as --out).", show_default=False)
@@ -112,7 +116,8 @@ def train_command(
     set_: SetOption = None,
     out: OutOption = None,
     resume: Annotated[
-        str, typer.Option("--resume", help="auto (newest complete checkpoint), never (start over), or a checkpoint/run PATH.")
+        str, typer.Option("--resume", metavar="<auto|never|path>",
+                            help="auto (newest complete checkpoint), never (start over), or a checkpoint or run PATH.")
     ] = "auto",
     max_steps: Annotated[
         Optional[int], typer.Option("--max-steps", help=key_help("train.max_steps"), show_default=False)
