@@ -6,7 +6,7 @@ loss and LM head, the data copy) can be read beside the matmuls. ``unattributed_
 wall time that no profiled op accounts for as self time: Python, dispatch and waiting.
 
     .venv/bin/python bench/profile_step.py [--mode planned|nanogpt|baseline] [--shape baby] [--vocab 1024]
-        [--steps 20] [--top 25] [--compile off] [--threads 0]
+        [--batch 0] [--steps 20] [--top 25] [--compile off] [--threads 0]
 
 Run time: a few seconds (plus a cold compile, ~1 min, with --compile on).
 """
@@ -34,6 +34,8 @@ def main() -> None:
     parser.add_argument("--mode", default="planned", choices=("planned", "nanogpt", "baseline"))
     parser.add_argument("--shape", default="baby", choices=sorted(SHAPES))
     parser.add_argument("--vocab", type=int, default=1024, help="vocabulary size (hetlm's data folders use 1024-4096)")
+    parser.add_argument("--batch", type=int, default=0,
+                        help="sequences per step (0: the shape's); at 1 the step is mostly its fixed costs")
     parser.add_argument("--steps", type=int, default=20, help="profiled steps")
     parser.add_argument("--warmup", type=int, default=10, help="unprofiled steps first")
     parser.add_argument("--top", type=int, default=25, help="ops listed")
@@ -43,7 +45,8 @@ def main() -> None:
     args = parser.parse_args()
 
     shape = dict(SHAPES[args.shape])
-    batch = shape.pop("batch")
+    batch = args.batch or shape.pop("batch")
+    shape.pop("batch", None)
     shape["vocab_size"] = args.vocab
     overrides = [f"model.{k}={v}" for k, v in shape.items()] + [
         f"train.micro_batch_size={batch}", f"device.compile={args.compile}", f"device.threads={args.threads}",
