@@ -21,8 +21,9 @@ on generate's closing line. Repeats alternate idle and loaded (ABAB) and rotate 
 settings, so a machine's drift falls on all of them alike; medians are reported. The planner reads the load
 when it starts, and the 1-minute load average lags a change by about a minute, so before each phase the bench
 waits (at most --settle-seconds) for the load average to show it: above 0.8 per CPU when loaded, below 0.5
-(where hetlm.openmp starts treating the machine as busy) when idle. On a machine others are using the idle
-phase cannot be idle; the load seen at each start is in the JSON.
+(where hetlm.openmp starts treating the machine as busy) when idle. --settle-seconds 0 measures instead a load
+that has only just begun, which a planner reading the load average cannot see yet. On a machine others are
+using the idle phase cannot be idle; the load seen at each start is in the JSON.
 
 Targets (issue 19), per command: under load the planner's rate within 10% of the best fixed thread count
 (planner_vs_best_fixed_loaded >= 0.9) and at least 40% of its own idle rate (planner_loaded_vs_idle >= 0.4).

@@ -17,6 +17,7 @@ The planner sizes the run by --max-steps, so its compile choice is the one a run
 where that is "off", a third mode shows the same plan compiled (what a longer run gets).
 
     .venv/bin/python bench/train.py [--shapes baby,10m] [--steps 20] [--rounds 3] [--warmup 5] [--vocab 0]
+        [--compile auto|on|off] [--dtype auto|fp32|bf16] [--threads 0]
 """
 
 from __future__ import annotations
@@ -234,6 +235,7 @@ def main() -> None:
     parser.add_argument("--vocab", type=int, default=0, help="vocabulary size (0: the shape's own, 65 characters)")
     parser.add_argument("--compile", default="auto", choices=("auto", "on", "off"), help="device.compile for the planned mode")
     parser.add_argument("--threads", type=int, default=0, help="device.threads (0: the planner's choice)")
+    parser.add_argument("--dtype", default="auto", choices=("auto", "fp32", "bf16"), help="device.dtype for the planned modes")
     parser.add_argument("--peak-seconds", type=float, default=1.0, help="time spent measuring each matmul peak")
     args = parser.parse_args()
 
@@ -257,6 +259,7 @@ def main() -> None:
         tokens.tofile(bin_path)
         overrides = [f"model.{k}={v}" for k, v in shape.items()] + [f"train.micro_batch_size={batch}",
             f"device.compile={args.compile}", f"device.threads={args.threads}", f"train.max_steps={args.max_steps}",
+            f"device.dtype={args.dtype}",
         ]
         config = load_config(None, overrides)
         plan = make_plan(inventory, config, "train")
