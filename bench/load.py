@@ -240,10 +240,12 @@ def main() -> None:
                         help="corpus to preprocess (default: ../shared/data/tinyshakespeare.txt, else the built-in one)")
     parser.add_argument("--work", type=Path, help="folder for data and runs (default: a temporary one, removed)")
     parser.add_argument("--timeout", type=float, default=300.0, help="seconds each hetlm process may take beyond its run")
-    parser.add_argument("--quick", action="store_true", help="a smoke test: 3 s runs, 1 repeat, 10 s settling")
+    parser.add_argument("--quick", action="store_true",
+                        help="a smoke test: 3 s runs, 1 repeat, 10 s settling, unless given explicitly")
     args = parser.parse_args()
     if args.quick:
-        args.seconds_per_run, args.repeats, args.settle_seconds = 3.0, 1, 10.0
+        parser.set_defaults(seconds_per_run=3.0, repeats=1, settle_seconds=10.0)
+        args = parser.parse_args()
     # SIGTERM normally skips finally blocks; as SystemExit it runs them, so the spinners die with the bench.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
 
