@@ -169,8 +169,8 @@ def nanogpt(config, bin_path: Path, batch: int):
     params = [p for p in model.parameters() if p.requires_grad]
     groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": 0.1},
               {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
-    device_type = "cpu"
-    optimizer = torch.optim.AdamW(groups, lr=1e-3, betas=(0.9, 0.99), **({"fused": True} if device_type == "cuda" else {}))
+    # nanoGPT asks for the fused AdamW only on CUDA; on the CPU it gets torch's default implementation.
+    optimizer = torch.optim.AdamW(groups, lr=1e-3, betas=(0.9, 0.99))
     block = c.context_length
     iteration = iter(range(10**9))
 
