@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 import typer
 
 from hetlm.chat import Conversation
-from hetlm.cli.app import app
+from hetlm.cli.app import app, examples
 from hetlm.cli.evaluate import OVERRIDABLE
 from hetlm.cli.loading import TargetArgument, load_for_inference
 from hetlm.cli.options import (
@@ -35,7 +35,10 @@ COMMANDS = {
 }
 
 
-@app.command("chat")
+@app.command("chat", epilog=examples(
+    "hetlm chat runs/tiny",
+    'hetlm chat bundles/tiny --system "You answer in one line." --temperature 0.7',
+))
 def chat_command(
     target: TargetArgument,
     system: Annotated[Optional[str], typer.Option(
