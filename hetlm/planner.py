@@ -907,6 +907,132 @@ def _choose_parallel(wanted: str, world_size: int, whole_fits: bool, device: str
                     f"{world_size} processes and gathers each block as it runs")
 
 
+@dataclass(frozen=True)
+class RankProfile:
+    """What the other processes need to know of one process's plan: every process gathers all of them once."""
+
+    device: str
+    peak_flops: float
+    micro_batch: int
+    parallel: str
+
+    @classmethod
+    def of(cls, plan: Plan) -> RankProfile:
+        return cls(plan.device, plan.peak_flops, plan.micro_batch_size, plan.parallel)
+
+
+@dataclass(frozen=True)
+class RankShare:
+    """One process's part of a training step, and the planner's prediction of the seconds it takes."""
+
+    sequences: int
+    micro_sizes: tuple[int, ...]
+    step_seconds: float
+
+
+def step_sequences(config: Config, plan: Plan, world_size: int) -> int:
+    """Sequences in one optimizer step across all processes."""
+    T = planning_model(config).context_length
+    if config.train.global_batch_tokens:
+        return max(world_size, round(config.train.global_batch_tokens / T))
+    return plan.accumulation * plan.micro_batch_size * world_size
+
+
+def share_weights(config: Config, profiles: list[RankProfile]) -> list[float] | None:
+    """Each process's weight in the step: equal, or as train.rank_shares gives them; None for auto (and measure,
+    until the trainer has timed the model), which balances the predicted step times."""
+    wanted, world = config.train.rank_shares, len(profiles)
+    if wanted == "equal" or world == 1:
+        return [1.0] * world
+    if wanted in ("auto", "measure"):
+        return None
+    weights = [float(w) for w in wanted.split(",")]
+    if len(weights) != world:
+        raise UsageError(f"train.rank_shares gives {len(weights)} weights for {world} processes")
+    return weights
+
+
+def lay_out_ranks(config: Config, profiles: list[RankProfile], weights: list[float] | None, sequences: int) -> list[RankShare]:
+    """Every process's sequences of a step, cut into micro-batches, with its predicted step time.
+
+    Shares are in proportion to ``weights``; without them (train.rank_shares=auto) each sequence goes to the
+    process that would finish it soonest by the predicted step times, which also counts the fixed cost of a
+    process's extra micro-batches that a proportion of FLOP/s leaves out.
+
+    Under DDP each process cuts its share into micro-batches as large as its plan allows, however many that
+    makes. FSDP2 gathers weights and reduces gradients in every micro-batch, a collective all processes must
+    enter alike, so there every process takes the same number of micro-batches, each within its own plan's size.
+    """
+    model = planning_model(config)
+
+    def seconds(profile: RankProfile, micro_sizes: list[int]) -> float:
+        return _estimated_run_seconds(config, model, profile.device.split(":")[0], micro_sizes[0],
+                                      sum(micro_sizes) * model.context_length, profile.peak_flops, steps=1)
+
+    def cut(share: int, profile: RankProfile) -> list[int]:
+        micro = min(profile.micro_batch, share)
+        return [micro] * (share // micro) + ([share % micro] if share % micro else [])
+
+    if len(profiles) == 1:
+        shares = [sequences]
+    elif weights is not None:
+        shares = rank_shares(sequences, weights)
+    else:
+        if sequences < len(profiles):
+            rank_shares(sequences, [1.0] * len(profiles))  # the one-line refusal
+        shares = [1] * len(profiles)
+        for _ in range(sequences - len(profiles)):
+            finish = [seconds(p, cut(share + 1, p)) for share, p in zip(shares, profiles, strict=True)]
+            shares[finish.index(min(finish))] += 1
+    if any(profile.parallel == "fsdp" for profile in profiles):
+        count = max(math.ceil(share / min(p.micro_batch, share)) for share, p in zip(shares, profiles, strict=True))
+        if min(shares) < count:
+            raise UsageError(
+                f"FSDP2 needs the same number of micro-batches ({count}) on every process, but a share of "
+                f"{min(shares)} sequences cannot make that many: raise train.global_batch_tokens, or give "
+                "train.rank_shares closer weights")
+        sizes = [[share // count + (1 if i < share % count else 0) for i in range(count)] for share in shares]
+    else:
+        sizes = [cut(share, profile) for share, profile in zip(shares, profiles, strict=True)]
+    return [RankShare(share, tuple(micro), seconds(profile, micro))
+            for share, micro, profile in zip(shares, sizes, profiles, strict=True)]
+
+
+@dataclass(frozen=True)
+class RankPlan:
+    """``hetlm plan --nproc``: every process's plan, its share of a step, and the same with equal shares."""
+
+    plans: tuple[Plan, ...]
+    shares: tuple[RankShare, ...]
+    equal: tuple[RankShare, ...]
+
+    def idle(self, shares: tuple[RankShare, ...]) -> float:
+        """Seconds per step the least busy process waits for the slowest."""
+        times = [part.step_seconds for part in shares]
+        return max(times) - min(times)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"ranks": [{"rank": rank, "device": plan.device, **dataclasses.asdict(part),
+                           "equal_step_seconds": even.step_seconds}
+                          for rank, (plan, part, even) in enumerate(zip(self.plans, self.shares, self.equal, strict=True))],
+                "parallel": self.plans[0].parallel, "idle_seconds": self.idle(self.shares),
+                "equal_idle_seconds": self.idle(self.equal)}
+
+
+def plan_ranks(inventory: Inventory, config: Config, world_size: int) -> RankPlan:
+    """Training under torchrun with ``world_size`` processes on this machine, as every one of them will plan it."""
+    plans = [make_plan(inventory, config, "train", world_size, rank) for rank in range(world_size)]
+    if any(plan.parallel == "fsdp" for plan in plans) and config.train.parallel == "auto":
+        # One process that needs shards makes all of them shard, as the trainer agrees at start-up.
+        config = dataclasses.replace(config, train=dataclasses.replace(config.train, parallel="fsdp"))
+        plans = [make_plan(inventory, config, "train", world_size, rank) for rank in range(world_size)]
+    profiles = [RankProfile.of(plan) for plan in plans]
+    sequences = step_sequences(config, plans[0], world_size)
+    shares = lay_out_ranks(config, profiles, share_weights(config, profiles), sequences)
+    equal = lay_out_ranks(config, profiles, [1.0] * world_size, sequences)
+    return RankPlan(tuple(plans), tuple(shares), tuple(equal))
+
+
 def rank_shares(sequences: int, weights: list[float]) -> list[int]:
     """Whole sequences per process in proportion to ``weights``, summing to ``sequences``, each at least one
     (largest remainders get the sequences that rounding down leaves)."""

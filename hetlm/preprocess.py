@@ -7,9 +7,9 @@ third encodes every document in worker processes and streams the tokens to disk.
 Output folder: ``tokenizer.model``, ``train.bin`` and ``val.bin`` (little-endian uint16 or uint32
 token ids; every document is ``<s>`` + ids + ``</s>``), for chat data (``data.chat``: every document a
 conversation) ``train.mask.bin`` and ``val.mask.bin`` (a byte per token, 1 for the assistant replies that
-training learns), ``config.yaml`` and, written last, ``manifest.json``. A folder without a manifest is unfinished and is rebuilt by the next run. The files
-are made in a ``.preprocess-*.tmp`` folder inside it, under the folder's lock (``.hetlm.lock``), which
-also lets a run remove what an interrupted one left there.
+training learns), ``config.yaml`` and, written last, ``manifest.json``. A folder without a manifest is
+unfinished and is rebuilt by the next run. The files are made in a ``.preprocess-*.tmp`` folder inside it,
+under the folder's lock (``.hetlm.lock``), which also lets a run remove what an interrupted one left there.
 """
 
 from __future__ import annotations

@@ -48,9 +48,8 @@ from hetlm.io import disk_full_errors
 from hetlm.metrics import MetricsLog, eval_record, finite, plot_losses
 from hetlm.model import flops_per_token, next_token_loss
 from hetlm.offload import OptimizerOffload
-from hetlm.parallel import (full_optimizer_state, full_weights, global_norm, load_sharded_optimizer_state, replicate,
-                            shard)
-from hetlm.planner import Plan, rank_shares
+from hetlm.parallel import full_optimizer_state, full_weights, global_norm, load_sharded_optimizer_state, replicate, shard
+from hetlm.planner import Plan, RankProfile, lay_out_ranks, share_weights, step_sequences
 from hetlm.reporting import NullReporter, Reporter
 from hetlm.store import Checkpoint, DataFolder, RunDir, resolve
 from hetlm.tokenizer import Tokenizer
@@ -587,19 +586,18 @@ class Trainer:
         plan.apply()
         self.micro_batch = plan.micro_batch_size
         # The step's sequences across processes, this process's slice of them, and its micro-batches.
-        self.step_sequences = max(procs.world_size, round(tc.global_batch_tokens / T)) if tc.global_batch_tokens else \
-            plan.accumulation * plan.micro_batch_size * procs.world_size
-        # Every process learns every other's device once, so all of them compute the same layout.
-        self.peers = self._gather({"peak_flops": plan.peak_flops, "micro_batch": self.micro_batch,
-                                   "parallel": plan.parallel})
-        # One process that needs shards makes all of them shard: sharding only lowers what each one holds.
-        self.parallel = "fsdp" if any(p["parallel"] == "fsdp" for p in self.peers) else plan.parallel
+        self.step_sequences = step_sequences(self.config, plan, procs.world_size)
+        # Every process learns every other's device once, so all of them compute the same layout. One process that
+        # needs shards makes all of them shard: sharding only lowers what each one holds.
+        self.peers = self._gather(RankProfile.of(plan))
+        self.parallel = "fsdp" if any(p.parallel == "fsdp" for p in self.peers) else plan.parallel
+        self.peers = [dataclasses.replace(p, parallel=self.parallel) for p in self.peers]
         if self.parallel == "fsdp" and plan.grad_scaler:
             raise UsageError("fp16's gradient scaler is not combined with FSDP2 here: set device.dtype=bf16 or fp32")
         if self.parallel == "fsdp" and tc.rank_shares == "measure":
             raise UsageError("train.rank_shares=measure times each process on the whole model, which FSDP2 exists not "
                              "to hold: give the shares as weights (such as 1,3), or auto")
-        self._lay_out(self._weights())
+        self._lay_out(share_weights(self.config, self.peers))
         self.tokens_per_step = self.step_sequences * T
 
         # Before the run is touched: a split too short for training rejects the command with nothing removed.
@@ -666,47 +664,17 @@ class Trainer:
         tdist.all_gather_object(everyone, mine, group=self.procs.control)
         return everyone
 
-    def _weights(self) -> list[float]:
-        """Each process's weight in the step: its device's predicted speed, equal, or as given (measure starts
-        from the prediction and is replaced once the model can be timed)."""
-        tc, world = self.train_cfg, self.procs.world_size
-        if tc.rank_shares == "equal" or world == 1:
-            return [1.0] * world
-        if tc.rank_shares in ("auto", "measure"):
-            return [float(peer["peak_flops"]) for peer in self.peers]
-        weights = [float(w) for w in tc.rank_shares.split(",")]
-        if len(weights) != world:
-            raise UsageError(f"train.rank_shares gives {len(weights)} weights for {world} processes")
-        return weights
-
-    def _lay_out(self, weights: list[float], measured: bool = False) -> None:
-        """This process's slice of each step and its micro-batches, from every process's weight.
-
-        Under DDP each process cuts its share into micro-batches as large as its plan allows, however many
-        that makes. FSDP2 gathers weights and reduces gradients in every micro-batch, a collective all
-        processes must enter alike, so there every process takes the same number of micro-batches, each
-        within its own plan's size.
-        """
-        world = self.procs.world_size
-        self.shares = rank_shares(self.step_sequences, weights) if world > 1 else [self.step_sequences]
+    def _lay_out(self, weights: list[float] | None, measured: bool = False) -> None:
+        """This process's slice of each step and its micro-batches, from every process's weight."""
+        layout = lay_out_ranks(self.config, self.peers, weights, self.step_sequences)
+        self.shares = [part.sequences for part in layout]
         if measured:
             self.reporter.info("train.rank_shares=measure: " + ", ".join(
                 f"rank {r} {w:.3g} sequences/s" for r, w in enumerate(weights)) + " -> shares "
                 + "/".join(map(str, self.shares)))
-        counts = [math.ceil(share / min(peer["micro_batch"], share)) for share, peer in zip(self.shares, self.peers)]
-        rank, share = self.procs.rank, self.shares[self.procs.rank]
-        self.take = (sum(self.shares[:rank]), share)
-        if self.parallel == "fsdp":
-            count = max(counts)
-            if min(self.shares) < count:
-                raise UsageError(
-                    f"FSDP2 needs the same number of micro-batches ({count}) on every process, but a share of "
-                    f"{min(self.shares)} sequences cannot make that many: raise train.global_batch_tokens, or give "
-                    "train.rank_shares closer weights")
-            self.micro_sizes = [share // count + (1 if i < share % count else 0) for i in range(count)]
-        else:
-            micro = min(self.micro_batch, share)
-            self.micro_sizes = [micro] * (share // micro) + ([share % micro] if share % micro else [])
+        rank = self.procs.rank
+        self.take = (sum(self.shares[:rank]), self.shares[rank])
+        self.micro_sizes = list(layout[rank].micro_sizes)
         self.accumulation = len(self.micro_sizes)
 
     def _measure_speed(self) -> float:

@@ -12,10 +12,10 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from conftest import one_error
 from safetensors.torch import load_file
 
 from hetlm.store import RunDir
-from conftest import one_error
 
 CONFIG = {
     "model": {"n_layers": 1, "d_model": 32, "n_heads": 2, "context_length": 32},
@@ -179,3 +179,20 @@ def test_fsdp_needs_torchrun(cli, tiny_data, tmp_path):
     one_error(result, 2)
     assert "train.parallel=fsdp" in result.err and "torchrun" in result.err
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.slow
+def test_measured_shares_keep_the_single_process_weights(cli, tiny_data, tmp_path):
+    config = uneven_config(tmp_path, tiny_data, rank_shares="measure", max_steps=4)
+    measured = tmp_path / "measured"
+    result = torchrun(config, measured, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    line = next(line for line in result.stderr.splitlines() if "train.rank_shares=measure" in line)
+    shares = [int(n) for n in line.rsplit("shares ", 1)[1].split("/")]
+    assert sum(shares) == 12 and min(shares) >= 1
+    # Whatever the timing gave, the data and so the weights are those of one process.
+    single = tmp_path / "single"
+    assert cli("train", "--config", config, "--out", single).code == 0
+    ours, reference = weights(measured), weights(single)
+    for name in reference:
+        torch.testing.assert_close(ours[name], reference[name], rtol=1e-5, atol=1e-5)

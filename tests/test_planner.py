@@ -7,12 +7,15 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import one_error
 
 from hetlm.config import load_config
 from hetlm.errors import HetlmError, UsageError
 from hetlm.planner import (
     Inventory,
+    RankProfile,
     detect_inventory,
+    lay_out_ranks,
     load_inventory,
     make_plan,
     memory_estimate,
@@ -363,3 +366,44 @@ def test_fsdp_when_the_training_state_does_not_fit_a_replica():
     assert plan_for("24gb-and-8gb-gpus").parallel == "none"
     with pytest.raises(UsageError, match="train.parallel=fsdp shards the model over processes started by torchrun"):
         plan_for("24gb-and-8gb-gpus", "train.parallel=fsdp")
+
+
+def test_plan_nproc_gives_each_process_a_share_by_speed(cli):
+    path = INVENTORIES / "24gb-and-8gb-gpus.json"
+    result = cli("plan", "--inventory", path, "--config", "configs/small.yaml", "--nproc", "2", "--json")
+    assert result.code == 0, result.err
+    shown = json.loads(result.out)
+    ranks = shown["ranks"]
+    assert [r["device"] for r in ranks] == ["cuda:0", "cuda:1"] and shown["parallel"] == "ddp"
+    # The faster card takes more of the step, and the predicted wait for the slowest shrinks against equal shares.
+    assert ranks[0]["sequences"] > ranks[1]["sequences"]
+    assert shown["idle_seconds"] < shown["equal_idle_seconds"]
+    for rank in ranks:
+        assert sum(rank["micro_sizes"]) == rank["sequences"]
+    table = cli("plan", "--inventory", path, "--config", "configs/small.yaml", "--nproc", "2")
+    assert "Processes (DDP" in table.out and "with equal shares" in table.out
+    # No data folder: the vocabulary is BIG's.
+    sets = [a for s in [*BIG, "data.dir=no-such-folder"] for a in ("--set", s)]
+    sharded = json.loads(cli("plan", "--inventory", path, *sets, "--nproc", "2", "--json").out)
+    assert sharded["parallel"] == "fsdp"
+    # FSDP2: the same number of micro-batches on every process.
+    assert len({len(r["micro_sizes"]) for r in sharded["ranks"]}) == 1
+    one_error(cli("plan", "--nproc", "2", "--workload", "generate"), 2)
+
+
+def test_rank_layouts():
+    config = load_config(None, [*BIG, "train.global_batch_tokens=16384"])
+    fast = RankProfile("cuda:0", 100e12, 4, "ddp")
+    slow = RankProfile("cuda:1", 25e12, 4, "ddp")
+    weighted = lay_out_ranks(config, [fast, slow], [1.0, 3.0], 16)
+    assert [r.sequences for r in weighted] == [4, 12] and weighted[1].micro_sizes == (4, 4, 4)
+    balanced = lay_out_ranks(config, [fast, slow], None, 16)
+    assert sum(r.sequences for r in balanced) == 16
+    assert max(r.step_seconds for r in balanced) < max(r.step_seconds for r in lay_out_ranks(
+        config, [fast, slow], [1.0, 1.0], 16))
+    sharded = [dataclasses.replace(p, parallel="fsdp") for p in (fast, slow)]
+    assert [r.micro_sizes for r in lay_out_ranks(config, sharded, [1.0, 3.0], 16)] == [(2, 1, 1), (4, 4, 4)]
+    with pytest.raises(UsageError, match="same number of micro-batches"):
+        lay_out_ranks(config, sharded, [1.0, 15.0], 16)
+    with pytest.raises(UsageError, match="cannot give each of 2 processes one"):
+        lay_out_ranks(config, [fast, slow], None, 1)

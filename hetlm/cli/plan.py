@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -21,19 +22,21 @@ from hetlm.planner import (
     INFERENCE,
     Inventory,
     Plan,
+    RankPlan,
     detect_inventory,
     load_inventory,
     make_plan,
     measure_inventory,
+    plan_ranks,
     planning_model,
 )
 from hetlm.store import DataFolder, finished_data_manifest
 
 
 @app.command("plan", epilog=examples(
-    "hetlm plan --config configs/tiny.yaml",
     "hetlm plan --config configs/tiny.yaml --workload generate",
     "hetlm plan --inventory tests/inventories/one-8gb-gpu.json --config configs/small.yaml",
+    "hetlm plan --inventory tests/inventories/24gb-and-8gb-gpus.json --config configs/small.yaml --nproc 2",
 ))
 def plan(
     config: ConfigOption = None,
@@ -49,6 +52,10 @@ def plan(
     workload: Annotated[str, typer.Option(
         "--workload", help="train, preprocess, or an inference workload: generate (also infer: one sequence), eval "
         "(eval.batch_size sequences) or serve (serve.max_concurrency).")] = "train",
+    nproc: Annotated[Optional[int], typer.Option(
+        "--nproc", help="Plan training for N processes started by torchrun --nproc_per_node N: each one's device, "
+        "share of the step, micro-batches and predicted step time [default: torchrun's WORLD_SIZE, else 1]",
+        show_default=False)] = None,
 ) -> None:
     """Show the hardware found and where each stage will run, in which dtype, and why."""
     resolved, note = _with_vocabulary(load_config(config, set_ or []))
@@ -57,12 +64,18 @@ def plan(
         if inventory is not None:
             raise UsageError("--measure measures this machine; it cannot measure a simulated --inventory")
         machine = measure_inventory(machine, resolved.device.threads or machine.cpu.cores)
-    result = make_plan(machine, resolved, workload)
+    world = nproc if nproc is not None else int(os.environ.get("WORLD_SIZE", "1"))
+    if world < 1:
+        raise UsageError(f"--nproc must be at least 1, got {world}")
+    if world > 1 and workload != "train":
+        raise UsageError("--nproc plans training under torchrun; inference runs in one process (use --workload train)")
+    ranks = plan_ranks(machine, resolved, world) if world > 1 else None
+    result = ranks.plans[0] if ranks is not None else make_plan(machine, resolved, workload)
     if note:
         # After the plan, so that a rejected command prints its one error line only.
         stderr.print(f"note: {escape(note)}", highlight=False, soft_wrap=True)
     if as_json:
-        typer.echo(json.dumps(result.to_dict(), indent=2))
+        typer.echo(json.dumps({**result.to_dict(), **(ranks.to_dict() if ranks is not None else {})}, indent=2))
         return
     stdout.print(_inventory_table(machine))
     stdout.print(plan_table(result))
@@ -77,6 +90,11 @@ def plan(
     if result.memory:
         stdout.print(_memory_table(result))
     stdout.print(f"peak {result.peak_flops / 1e12:.2f} TFLOP/s on {result.device} at {result.dtype} (the MFU denominator)")
+    if ranks is not None:
+        stdout.print(_ranks_table(ranks))
+        stdout.print(escape(
+            f"predicted idle per step (the least busy process waiting for the slowest): {ranks.idle(ranks.shares):.3g} s "
+            f"with these shares, {ranks.idle(ranks.equal):.3g} s with equal shares"), highlight=False)
     memory = next((d for d in result.decisions if d.stage == "memory"), None)
     if memory is not None and not result.fits:
         stdout.print(f"[bold red]does not fit:[/] {escape(memory.reason)}")
@@ -115,6 +133,17 @@ def _inventory_table(machine: Inventory) -> Table:
         ))
     if machine.mps:
         table.add_row("mps", "Apple GPU sharing the system RAM")
+    return table
+
+
+def _ranks_table(ranks: RankPlan) -> Table:
+    parallel = ranks.plans[0].parallel.upper()
+    table = Table(title=f"Processes ({parallel}, rank 0's plan above)", title_justify="left")
+    for name in ("Rank", "Device", "Share", "Micro-batches", "Step (predicted)", "With equal shares"):
+        table.add_column(name, justify="left" if name in ("Device", "Micro-batches") else "right")
+    for rank, (plan, part, even) in enumerate(zip(ranks.plans, ranks.shares, ranks.equal, strict=True)):
+        table.add_row(str(rank), plan.device, f"{part.sequences} sequences", " + ".join(map(str, part.micro_sizes)),
+                      f"{part.step_seconds:.3g} s", f"{even.step_seconds:.3g} s")
     return table
 
 
