@@ -2,8 +2,10 @@
 
 `torchrun --nproc_per_node 2 -m hetlm train` at nanoGPT's baby shape (4 layers, d_model 128, context 64) with a
 global batch of --sequences sequences, one thread per process, each process pinned to its own CPU
-(`taskset`, through a wrapper torchrun starts with --no-python). A spinning process pinned beside rank 1 takes
-half of that CPU, so rank 1 runs about 2x slower than rank 0: the unequal machine of issue 15, on one box.
+(`taskset`, through a wrapper torchrun starts with --no-python). Rank 1 gets half of its CPU, so it runs about
+2x slower than rank 0: the unequal machine of issue 15, on one box. Where the cgroup v1 CPU controller is
+writable (root), a CFS quota of 50% caps it; else a spinning process pinned beside it takes half its CPU (on
+a VM whose vCPUs are hyperthreads of one core that slows rank 0 too, and the gap is smaller than 2x).
 
   equal     train.rank_shares=equal: each process takes half the step, and rank 0 waits for rank 1;
   measure   train.rank_shares=measure: every process times a few forward/backward passes before the run and
@@ -29,6 +31,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 from machine import cpu_report
@@ -38,8 +41,34 @@ SHAKESPEARE = REPO.parent / "shared" / "data" / "tinyshakespeare.txt"
 BABY = ["model.n_layers=4", "model.n_heads=4", "model.d_model=128", "model.context_length=64"]
 # torchrun starts this for each process: it pins the process to the CPU numbered by its local rank.
 PINNED = """#!/bin/sh
+if [ "$LOCAL_RANK" = 1 ] && [ -n "{cgroup}" ]; then echo $$ > "{cgroup}/tasks"; fi
 exec taskset -c "$LOCAL_RANK" "{python}" -m hetlm "$@"
 """
+CGROUP = Path("/sys/fs/cgroup/cpu")
+
+
+@contextlib.contextmanager
+def slowed_rank() -> Iterator[tuple[str, str]]:
+    """(cgroup folder or "", how rank 1 is slowed) while rank 1's CPU is halved."""
+    group = CGROUP / "hetlm-bench-slow"
+    try:
+        group.mkdir(exist_ok=True)
+        (group / "cpu.cfs_period_us").write_text("100000")
+        (group / "cpu.cfs_quota_us").write_text("50000")
+    except OSError:
+        spinner = subprocess.Popen(["taskset", "-c", "1", sys.executable, "-c", "while True: pass"])
+        try:
+            yield "", "rank 1 shares its CPU with a spinning process"
+        finally:
+            spinner.kill()
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                spinner.wait(timeout=10)
+        return
+    try:
+        yield str(group), "rank 1 runs under a 50% CFS quota (cgroup v1 cpu controller)"
+    finally:
+        with contextlib.suppress(OSError):
+            group.rmdir()
 
 
 def preprocess(work: Path) -> Path:
@@ -85,24 +114,19 @@ def main() -> None:
     runs: dict[str, list[dict]] = {"equal": [], "measure": []}
     with tempfile.TemporaryDirectory(prefix="hetlm-distributed-") as tmp:
         work = Path(tmp)
-        (work / "pinned.sh").write_text(PINNED.format(python=sys.executable))
-        (work / "pinned.sh").chmod(0o755)
         data = preprocess(work)
-        slower = subprocess.Popen(["taskset", "-c", "1", sys.executable, "-c", "while True: pass"])
-        try:
+        with slowed_rank() as (cgroup, slowed):
+            (work / "pinned.sh").write_text(PINNED.format(python=sys.executable, cgroup=cgroup))
+            (work / "pinned.sh").chmod(0o755)
             for index in range(args.repeats):
                 for shares in ("equal", "measure"):
                     runs[shares].append(train(work, data, shares, args, index))
                     print(f"{shares}: {runs[shares][-1]}", file=sys.stderr)
-        finally:
-            slower.kill()
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                slower.wait(timeout=10)
     equal = statistics.median(r["tokens_per_s"] for r in runs["equal"])
     measured = statistics.median(r["tokens_per_s"] for r in runs["measure"])
     print(json.dumps({
         "machine": cpu_report(),
-        "setup": {"processes": 2, "threads_per_process": 1, "slowed": "rank 1 shares its CPU with a spinning process",
+        "setup": {"processes": 2, "threads_per_process": 1, "slowed": slowed,
                   "shape": "baby (4 layers, d_model 128, context 64)", "sequences_per_step": args.sequences,
                   "steps": args.steps, "repeats": args.repeats},
         "equal": runs["equal"],
