@@ -50,9 +50,12 @@ INFERENCE = ("infer", "generate", "eval", "serve")
 WORKLOADS = ("train", *INFERENCE, "preprocess")
 INVENTORY_ENV = "HETLM_INVENTORY"
 
-# Without AMX, AVX512-BF16 alone speeds up only large matmuls; below this width the casts around each
-# small op cost more than they save. (With AMX, bf16 pays at every size measured once attention runs in fp32.)
-CPU_BF16_MIN_D_MODEL = 256
+# Without AMX, AVX512-BF16 still runs the matmuls of nanoGPT's baby shape (d_model 128) 4-5x faster than fp32
+# (294-372 against 73-83 GFLOP/s on one thread of a 2-core AMD EPYC), and with attention in fp32 the planned
+# step went from 10.1k tokens/s in fp32 to 22.3k in bf16 there (bench/train.py --shapes baby --vocab 1024,
+# --dtype bf16 against auto). Below this width it was not measured, so those stay fp32. (With AMX, bf16 pays
+# at every size.)
+CPU_BF16_MIN_D_MODEL = 128
 # Compiling the blocks costs about 30 s up front on 2 CPU cores with a cold cache (a few seconds warm). On
 # the CPU with bf16 it made steps 1.4-1.9x faster at 0.8M-10M parameters, which won the cold compile back
 # after 90-130 s of training at both sizes; the threshold keeps a margin above that. On a GPU small models
