@@ -27,7 +27,7 @@ from hetlm.config import MAX_AUTO_SLOTS, Config, ModelConfig, parse_duration
 from hetlm.decode import INT8_WIDTH_MULTIPLE, Decoding
 from hetlm.errors import HetlmError, UsageError
 from hetlm.model import DTYPES, flops_per_token, parameter_counts
-from hetlm.openmp import WAIT_POLICY, load_average
+from hetlm.openmp import WAIT_POLICY, load_now
 from hetlm.placement import (
     DeviceSpec,
     Segment,
@@ -369,7 +369,7 @@ def _detect_cpu() -> CpuInfo:
         amx="amx_bf16" in flags,
         avx512_bf16="avx512_bf16" in flags,
         model_name=model_name or "unknown CPU",
-        load=round(load_average(), 2),
+        load=round(load_now(), 2),
         wait_policy=os.environ.get(WAIT_POLICY, "default").lower(),
     )
 
@@ -1309,7 +1309,7 @@ def _choose_threads(cpu: CpuInfo, kind: str, wanted: int, world_size: int) -> tu
         free = min(cpu.cores, max(1, math.floor(cpu.logical_cpus - cpu.load + 0.5)))
         threads = max(1, free // world_size)
         share = f" shared by {world_size} processes" if world_size > 1 else ""
-        busy = (f"; the load average is {cpu.load:g} on {cpu.logical_cpus} CPUs, so {cpu.cores - free} core(s) are left "
+        busy = (f"; the load at start is {cpu.load:g} on {cpu.logical_cpus} CPUs, so {cpu.cores - free} core(s) are left "
                 "to the programs keeping them busy" if free < cpu.cores else "")
         waits = ", idle threads sleep at once (OMP_WAIT_POLICY=passive)" if cpu.wait_policy == "passive" else ""
         return threads, (

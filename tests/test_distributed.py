@@ -162,6 +162,10 @@ def test_fsdp_checkpoints_are_the_usual_format(cli, tiny_data, tmp_path):
     run = tmp_path / "sharded"
     result = torchrun(config, run, "--max-steps", "4", cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
+    # Two sharded processes cut the whole optimizer state back into their shards.
+    resumed = torchrun(config, run, "--max-steps", "6", cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "from step 4" in resumed.stderr
     # The optimizer state is saved whole, so one process (no FSDP2 there) resumes what two sharded processes began,
     # and follows a run trained by one process all along.
     assert cli("train", "--config", config, "--out", run, "--set", "train.parallel=auto").code == 0
