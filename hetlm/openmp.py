@@ -36,7 +36,8 @@ def load_average() -> float:
 @functools.cache
 def load_now() -> float:
     """Other programs' runnable threads as this process starts: the mean of /proc/stat's procs_running over
-    LOAD_SAMPLES reads, less this process's own thread; the 1-minute load average where there is no /proc/stat.
+    LOAD_SAMPLES reads, less this process's own thread and its torchrun siblings; the 1-minute load average where
+    there is no /proc/stat.
     Taken once per process, so every decision sees the same figure."""
     counts = []
     try:
@@ -48,7 +49,9 @@ def load_now() -> float:
             counts.append(int(running.split()[1]) - 1)
     except (OSError, StopIteration, ValueError):
         return load_average()
-    return max(0.0, sum(counts) / len(counts))
+    # Under torchrun the other processes of this run start alongside: they are not another program's load.
+    siblings = int(os.environ.get("LOCAL_WORLD_SIZE", "1")) - 1
+    return max(0.0, sum(counts) / len(counts) - siblings)
 
 
 def usable_cpus() -> int:

@@ -45,10 +45,6 @@ def shard(model: torch.nn.Module, compute_dtype: torch.dtype | None) -> None:
             module.set_force_sum_reduction_for_comms(True)
 
 
-def is_sharded(model: torch.nn.Module) -> bool:
-    return isinstance(model, FSDPModule)
-
-
 def full_tensor(tensor: torch.Tensor) -> torch.Tensor:
     """The whole tensor on the CPU; for a shard, a collective every process must call in the same order."""
     return (tensor.full_tensor() if isinstance(tensor, DTensor) else tensor).detach().cpu()
@@ -56,6 +52,11 @@ def full_tensor(tensor: torch.Tensor) -> torch.Tensor:
 
 def full_weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """Every parameter whole, under the model's names: what a checkpoint stores."""
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            # After a forward pass without backward (an evaluation) the root unit stays gathered, and its
+            # parameters are then the compute-dtype copies, not the fp32 shards the checkpoint must hold.
+            module.reshard()
     return {name: full_tensor(p) for name, p in model.named_parameters()}
 
 

@@ -53,8 +53,9 @@ INVENTORY_ENV = "HETLM_INVENTORY"
 # Without AMX, AVX512-BF16 still runs the matmuls of nanoGPT's baby shape (d_model 128) 4-5x faster than fp32
 # (294-372 against 73-83 GFLOP/s on one thread of a 2-core AMD EPYC), and with attention in fp32 the planned
 # step went from 10.1k tokens/s in fp32 to 22.3k in bf16 there (bench/train.py --shapes baby --vocab 1024,
-# --dtype bf16 against auto). Below this width it was not measured, so those stay fp32. (With AMX, bf16 pays
-# at every size.)
+# --dtype bf16 against auto). In fp32 the step cannot pull far ahead of a plain loop: matmuls are ~65% of both
+# hetlm's compiled step and a nanoGPT-style eager one (bench/profile_step.py). Below this width bf16 was not
+# measured, so those stay fp32. (With AMX, bf16 pays at every size.)
 CPU_BF16_MIN_D_MODEL = 128
 # Compiling the blocks costs about 30 s up front on 2 CPU cores with a cold cache (a few seconds warm). On
 # the CPU with bf16 it made steps 1.4-1.9x faster at 0.8M-10M parameters, which won the cold compile back
@@ -918,10 +919,11 @@ class RankProfile:
     peak_flops: float
     micro_batch: int
     parallel: str
+    dtype: str = "fp32"
 
     @classmethod
     def of(cls, plan: Plan) -> RankProfile:
-        return cls(plan.device, plan.peak_flops, plan.micro_batch_size, plan.parallel)
+        return cls(plan.device, plan.peak_flops, plan.micro_batch_size, plan.parallel, plan.dtype)
 
 
 @dataclass(frozen=True)
@@ -1293,10 +1295,11 @@ def _choose_dtype(inventory: Inventory, cuda: CudaDevice | None, kind: str, mode
         return "bf16", "the CPU has AMX matrix units: bf16 matmuls run about 3x faster than fp32"
     if model.d_model < CPU_BF16_MIN_D_MODEL:
         return "fp32", (
-            f"the CPU has AVX512-BF16 but no AMX; at d_model {model.d_model} < {CPU_BF16_MIN_D_MODEL} per-op casts "
-            "would outweigh faster matmuls"
+            f"the CPU has AVX512-BF16 but no AMX; bf16 was measured to pay from d_model {CPU_BF16_MIN_D_MODEL}, and "
+            f"this model's is {model.d_model}"
         )
-    return "bf16", f"the CPU has AVX512-BF16: bf16 matmuls run up to 2x faster than fp32 at d_model {model.d_model}"
+    return "bf16", (f"the CPU has AVX512-BF16: its bf16 matmuls ran 4-5x faster than fp32 at d_model 128, and the "
+                    f"whole step about 2x (d_model {model.d_model})")
 
 
 def _choose_threads(cpu: CpuInfo, kind: str, wanted: int, world_size: int) -> tuple[int, str]:

@@ -432,6 +432,8 @@ class TrainState:
     best: tuple[float, int] | None = None
     world_size: int = 1
     accumulation: int = 1
+    # Each process's sequences of a step, so a resumed train.rank_shares=measure run keeps its layout.
+    shares: list[int] = field(default_factory=list)
     scaler: dict[str, Any] = field(default_factory=dict)
     # Per rank: its Python, numpy, torch and CUDA RNG states and its data generator (the data cursor).
     ranks: list[dict[str, Any]] = field(default_factory=list)
@@ -446,6 +448,7 @@ class TrainState:
             "best": list(self.best) if self.best is not None else None,
             "world_size": self.world_size,
             "accumulation": self.accumulation,
+            "shares": self.shares,
             "scaler": self.scaler,
             "ranks": self.ranks,
         }
@@ -461,6 +464,8 @@ class TrainState:
         self.best = (float(state["best"][0]), int(state["best"][1])) if state["best"] is not None else None
         self.world_size = int(state["world_size"])
         self.accumulation = int(state["accumulation"])
+        # Files from before uneven shares have none.
+        self.shares = [int(share) for share in state.get("shares", [])]
         self.scaler = dict(state["scaler"] or {})
         self.ranks = list(state["ranks"])
 
@@ -592,6 +597,11 @@ class Trainer:
         self.peers = self._gather(RankProfile.of(plan))
         self.parallel = "fsdp" if any(p.parallel == "fsdp" for p in self.peers) else plan.parallel
         self.peers = [dataclasses.replace(p, parallel=self.parallel) for p in self.peers]
+        dtypes = sorted({peer.dtype for peer in self.peers})
+        if len(dtypes) > 1 and (self.parallel == "fsdp" or "fp16" in dtypes):
+            # FSDP2 gathers one dtype from all, and a scaled fp16 gradient cannot be summed with unscaled ones.
+            raise UsageError(f"the processes planned different dtypes ({', '.join(dtypes)}): set device.dtype to one "
+                             "every device supports")
         if self.parallel == "fsdp" and plan.grad_scaler:
             raise UsageError("fp16's gradient scaler is not combined with FSDP2 here: set device.dtype=bf16 or fp32")
         if self.parallel == "fsdp" and tc.rank_shares == "measure":
@@ -607,11 +617,14 @@ class Trainer:
         check_compatible(self.loaded_from, self.config, self.data, self.run_dir.path)
         self.model = self.loaded_from.model(self.device).train()
         plan.prepare_model(self.model)
-        if tc.rank_shares == "measure" and procs.distributed:
+        if tc.rank_shares == "measure" and procs.distributed and not self.loaded_from.has_trainer_state:
+            # A resumed run keeps the shares measured when it began (load_state_dict): timing noise must not
+            # change the layout, which with dropout would change which random numbers meet which sequences.
             self._lay_out(self._gather(self._measure_speed()), measured=True)
         if self.parallel == "fsdp":
             if plan.compile:
-                # Compiled before sharding, so FSDP2's hooks stay outside the compiled blocks (as torchtitan orders it).
+                # Compiled in place before sharding: dynamo skips the FSDP2 hooks registered after, so each block's
+                # graph holds its own math and the gathers stay outside it.
                 self.model.compile_blocks()
             shard(self.model, plan.autocast_dtype)
         compute = plan.autocast_dtype or torch.float32
@@ -763,6 +776,7 @@ class Trainer:
         else:
             gathered = [ranks]
         self.state.ranks = gathered
+        self.state.shares = list(self.shares)
         self.state.scaler = self.scaler.state_dict()
         optimizer = full_optimizer_state(self.optimizer) if self.parallel == "fsdp" else self.optimizer.state_dict()
         return {"format": STATE_FORMAT, **self.state.state_dict(), "optimizer": optimizer}
@@ -777,6 +791,16 @@ class Trainer:
                 f"{self.procs.world_size}: dropout's random numbers cannot continue exactly on another layout; resume "
                 f"with torchrun --nproc_per_node {saved_world}, or start a new run with --out"
             )
+        saved_shares = [int(share) for share in state.get("shares", [])]
+        if (self.train_cfg.rank_shares == "measure" and len(saved_shares) == self.procs.world_size
+                and sum(saved_shares) == self.step_sequences):
+            self._lay_out([float(share) for share in saved_shares])
+        if len(saved_shares) == saved_world == self.procs.world_size and saved_shares != self.shares and (
+                model.dropout or model.attention_dropout):
+            raise UsageError(
+                f"{self.loaded_from.path} was trained with shares {'/'.join(map(str, saved_shares))} and dropout, and "
+                f"this run's are {'/'.join(map(str, self.shares))}: dropout's random numbers would meet other "
+                f"sequences; resume with --set train.rank_shares={','.join(map(str, saved_shares))}")
         if self.parallel == "fsdp":
             load_sharded_optimizer_state(self.optimizer, state["optimizer"])
         else:
@@ -923,7 +947,7 @@ class Trainer:
         fit_from: tuple[int, float] | None = None
         while True:
             # The logged steps measure each process's busy time, so a user sees whether the shares balance.
-            timed = procs.distributed and (state.step + 1) % tc.log_every == 0
+            timed = procs.distributed and ((state.step + 1) % tc.log_every == 0 or state.step + 1 >= tc.max_steps)
             self.stepper(learning_rate_at(state.step, tc, state.fitted_steps, state.segments), self.loader, timed)
             state.step += 1
             if fitting:
@@ -1079,7 +1103,12 @@ class Trainer:
             window = torch.tensor([ids[-T:]], device=self.device)
             with self.plan.autocast():
                 logits, _ = self.model(window, last_only=True)
-            token = int(logits[0, -1].argmax())
+            token = logits[0, -1].argmax().cpu()
+            if self.parallel == "fsdp":
+                # Every process runs each forward (it gathers weights from all), so all must stop at the same token
+                # even where their kernels would break a near-tie differently.
+                tdist.broadcast(token, src=0, group=self.procs.control)
+            token = int(token)
             if token == tokenizer.eos_id:
                 break
             ids.append(token)

@@ -194,9 +194,28 @@ def test_measured_shares_keep_the_single_process_weights(cli, tiny_data, tmp_pat
     line = next(line for line in result.stderr.splitlines() if "train.rank_shares=measure" in line)
     shares = [int(n) for n in line.rsplit("shares ", 1)[1].split("/")]
     assert sum(shares) == 12 and min(shares) >= 1
+    # A resume keeps the shares measured when the run began.
+    resumed = torchrun(config, measured, "--max-steps", "6", cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "train.rank_shares=measure:" not in resumed.stderr
+    assert f"shares {'/'.join(map(str, shares))} sequences" in " ".join(resumed.stderr.split())
     # Whatever the timing gave, the data and so the weights are those of one process.
     single = tmp_path / "single"
-    assert cli("train", "--config", config, "--out", single).code == 0
+    assert cli("train", "--config", config, "--out", single, "--max-steps", "6").code == 0
     ours, reference = weights(measured), weights(single)
     for name in reference:
         torch.testing.assert_close(ours[name], reference[name], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_a_bf16_fsdp_checkpoint_holds_the_fp32_weights(cli, tiny_data, tmp_path):
+    # The evaluation before each checkpoint leaves the root unit gathered in bf16; the checkpoint must still hold
+    # the fp32 shards, which a continued single-process run then follows.
+    config = uneven_config(tmp_path, tiny_data, parallel="fsdp", max_steps=4, eval_every=2, rank_shares="equal")
+    run = tmp_path / "bf16"
+    result = torchrun(config, run, "--set", "device.dtype=bf16", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    saved = weights(run)
+    assert all(w.dtype == torch.float32 for w in saved.values())
+    embedding = saved["model.embed_tokens.weight"]
+    assert not torch.equal(embedding, embedding.bfloat16().float()), "the embedding was saved rounded to bf16"
