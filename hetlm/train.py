@@ -557,9 +557,14 @@ def train(config: Config, plan: Plan, out: Path | None = None, resume: str = "au
         with contextlib.ExitStack() as held, disk_full_errors(run_dir):
             trainer = Trainer(config, plan, out, resume, reporter if procs.main else NullReporter(), procs, held, init)
             try:
-                return trainer.run()
+                result = trainer.run()
             finally:
                 trainer.close()
+        if procs.distributed:
+            # Rank 0 may still be writing the last checkpoint. A process that tears its gloo group down and exits
+            # meanwhile was seen to abort in gloo's threads at exit ("terminate called without an active exception").
+            tdist.barrier(group=procs.control)
+        return result
     finally:
         torch.use_deterministic_algorithms(deterministic)
         if procs.distributed and tdist.is_initialized():
