@@ -209,9 +209,7 @@ def planned(config, plan, tokens: np.ndarray, batch: int):
     plan.prepare_model(model)
     optimizer = make_optimizer(model.named_parameters(), config.train, device)
     scaler = torch.amp.GradScaler(device.type, enabled=plan.grad_scaler)
-    if plan.compile:
-        model.compile_blocks()
-    stepper = TrainStep(model, optimizer, scaler, plan, config.train)
+    stepper = TrainStep(model, optimizer, scaler, plan, config.train, step_model=plan.compile_model(model))
     T = config.model.context_length
     loader = PrefetchLoader(tokens, batch, T + 1, torch.Generator().manual_seed(0), prefetch=plan.prefetch,
                             device=device, pin_memory=plan.pin_memory, non_blocking=plan.non_blocking)
@@ -305,8 +303,9 @@ def main() -> None:
             else:
                 probe = make_optimizer(torch.nn.Linear(1, 1).named_parameters(), config.train, mode_plan.torch_device)
                 fused = "fused" if probe.param_groups[0].get("fused") else "foreach"
+                scope = "the whole forward" if mode_plan.compile_whole else "blocks"
                 label = (f"{mode_plan.dtype} (attention {mode_plan.attention_dtype}) on {mode_plan.device}, "
-                         f"compile {'on (blocks)' if mode_plan.compile else 'off'}, AdamW {fused}, prefetch thread")
+                         f"compile {f'on ({scope})' if mode_plan.compile else 'off'}, AdamW {fused}, prefetch thread")
             rates = sorted(args.steps * tokens_per_step / t for t in times)
             rate = statistics.median(rates)
             result = {"mode": label, "tokens_per_s": round(rate), "tokens_per_s_rounds": [round(r) for r in rates],

@@ -659,11 +659,10 @@ class Trainer:
             if self.changes:
                 self.run_dir.record_changes(self.state.step, self.changes)
         self.ddp = replicate(self.model, self.device) if self.parallel == "ddp" else None
-        if plan.compile and self.parallel != "fsdp":
-            self.model.compile_blocks()
+        forward = self.model if self.parallel == "fsdp" else plan.compile_model(self.model)
         self.stepper = TrainStep(self.model, self.optimizer, self.scaler, plan, tc, self.accumulation, offload=self.offload,
                                  micro_sizes=self.micro_sizes, step_sequences=self.step_sequences,
-                                 step_model=self.ddp if self.ddp is not None else self.model, ddp=self.ddp,
+                                 step_model=self.ddp if self.ddp is not None else forward, ddp=self.ddp,
                                  world_size=procs.world_size, reduce_scale=procs.world_size if self.ddp else 1,
                                  control=procs.control)
         # Started by ``run``: the loader's thread draws from the generator from then on.
@@ -891,7 +890,8 @@ class Trainer:
                if procs.distributed else "")
             + f"{' + '.join(map(str, self.micro_sizes))} sequences x {T}"
             + f"), AdamW {'fused' if self.fused else 'foreach'}, {self.plan.dtype} on {self.device}"
-            + (", compiled" if self.plan.compile else "")
+            + ((", compiled (the whole forward)" if self.plan.compile_whole else ", compiled (each block)")
+               if self.plan.compile else "")
             + (f", activations recomputed in every {_nth(self.plan.checkpoint_every)} block" if self.plan.checkpoint_every
                else "")
             + (", AdamW state offloaded to the CPU" if self.offload is not None else "")

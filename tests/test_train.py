@@ -357,3 +357,22 @@ def test_resume_from_a_checkpoint_path_into_a_new_run(cli, tiny_data, tmp_path):
     assert fresh.code == 0 and "from step 0" in fresh.err
     assert steps_of(tmp_path / "a") == [0, 3]
     assert os.path.exists(tmp_path / "a" / "config.yaml")
+
+
+@pytest.mark.slow
+def test_a_compiled_run_follows_the_eager_one(cli, tiny_data, tmp_path):
+    # One process without dropout compiles the whole forward, embedding to loss, as one graph; evaluation stays
+    # eager. The numbers are inductor's (fused kernels), so the runs agree to rounding, not bit for bit.
+    short = {"max_steps": 6, "eval_every": 6, "checkpoint_every": 6, "log_every": 1}
+    config = write_config(tmp_path, tiny_data, train=short)
+    compiled = cli("train", "--config", config, "--out", tmp_path / "compiled", "--set", "device.compile=on")
+    assert compiled.code == 0, compiled.err
+    assert "compiled (the whole forward)" in " ".join(compiled.err.split())
+    assert cli("train", "--config", config, "--out", tmp_path / "eager").code == 0
+    for a, b in zip(metrics(tmp_path / "compiled", "train"), metrics(tmp_path / "eager", "train"), strict=True):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-3)
+    ours = load_file(str(RunDir(tmp_path / "compiled").checkpoints()[-1].path / "model.safetensors"))
+    reference = load_file(str(RunDir(tmp_path / "eager").checkpoints()[-1].path / "model.safetensors"))
+    assert ours.keys() == reference.keys()
+    for name in reference:
+        torch.testing.assert_close(ours[name], reference[name], rtol=1e-3, atol=1e-4)
