@@ -955,6 +955,13 @@ class RankShare:
     step_seconds: float
 
 
+def agreed_profiles(profiles: list[RankProfile]) -> list[RankProfile]:
+    """Every process's profile once they agree how to share the model: one process that needs shards makes all of
+    them shard (sharding only lowers what each one holds)."""
+    parallel = "fsdp" if any(profile.parallel == "fsdp" for profile in profiles) else profiles[0].parallel
+    return [dataclasses.replace(profile, parallel=parallel) for profile in profiles]
+
+
 def step_sequences(config: Config, plan: Plan, world_size: int) -> int:
     """Sequences in one optimizer step across all processes."""
     T = planning_model(config).context_length
@@ -1003,8 +1010,7 @@ def lay_out_ranks(config: Config, profiles: list[RankProfile], weights: list[flo
     elif weights is not None:
         shares = rank_shares(sequences, weights)
     else:
-        if sequences < len(profiles):
-            rank_shares(sequences, [1.0] * len(profiles))  # the one-line refusal
+        _check_one_each(sequences, len(profiles))
         shares = [1] * len(profiles)
         for _ in range(sequences - len(profiles)):
             finish = [seconds(p, cut(share + 1, p)) for share, p in zip(shares, profiles, strict=True)]
@@ -1047,23 +1053,27 @@ class RankPlan:
 def plan_ranks(inventory: Inventory, config: Config, world_size: int) -> RankPlan:
     """Training under torchrun with ``world_size`` processes on this machine, as every one of them will plan it."""
     plans = [make_plan(inventory, config, "train", world_size, rank) for rank in range(world_size)]
-    if any(plan.parallel == "fsdp" for plan in plans) and config.train.parallel == "auto":
-        # One process that needs shards makes all of them shard, as the trainer agrees at start-up.
-        config = dataclasses.replace(config, train=dataclasses.replace(config.train, parallel="fsdp"))
+    profiles = agreed_profiles([RankProfile.of(plan) for plan in plans])
+    if profiles[0].parallel != plans[0].parallel and config.train.parallel == "auto":
+        # Planned again as sharded, so that every process's table shows what it will hold.
+        config = dataclasses.replace(config, train=dataclasses.replace(config.train, parallel=profiles[0].parallel))
         plans = [make_plan(inventory, config, "train", world_size, rank) for rank in range(world_size)]
-    profiles = [RankProfile.of(plan) for plan in plans]
     sequences = step_sequences(config, plans[0], world_size)
     shares = lay_out_ranks(config, profiles, share_weights(config, profiles), sequences)
     equal = lay_out_ranks(config, profiles, [1.0] * world_size, sequences)
     return RankPlan(tuple(plans), tuple(shares), tuple(equal))
 
 
+def _check_one_each(sequences: int, processes: int) -> None:
+    if sequences < processes:
+        raise UsageError(f"a step of {sequences} sequences cannot give each of {processes} processes one: raise "
+                         "train.global_batch_tokens")
+
+
 def rank_shares(sequences: int, weights: list[float]) -> list[int]:
     """Whole sequences per process in proportion to ``weights``, summing to ``sequences``, each at least one
     (largest remainders get the sequences that rounding down leaves)."""
-    if sequences < len(weights):
-        raise UsageError(f"a step of {sequences} sequences cannot give each of {len(weights)} processes one: raise "
-                         "train.global_batch_tokens")
+    _check_one_each(sequences, len(weights))
     exact = [sequences * w / sum(weights) for w in weights]
     shares = [max(1, math.floor(x)) for x in exact]
     while sum(shares) > sequences:

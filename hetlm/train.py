@@ -49,7 +49,7 @@ from hetlm.metrics import MetricsLog, eval_record, finite, plot_losses
 from hetlm.model import flops_per_token, next_token_loss
 from hetlm.offload import OptimizerOffload
 from hetlm.parallel import full_optimizer_state, full_weights, global_norm, load_sharded_optimizer_state, replicate, shard
-from hetlm.planner import Plan, RankProfile, lay_out_ranks, share_weights, step_sequences
+from hetlm.planner import Plan, RankProfile, agreed_profiles, lay_out_ranks, share_weights, step_sequences
 from hetlm.reporting import NullReporter, Reporter
 from hetlm.store import Checkpoint, DataFolder, RunDir, resolve
 from hetlm.tokenizer import Tokenizer
@@ -597,11 +597,9 @@ class Trainer:
         self.micro_batch = plan.micro_batch_size
         # The step's sequences across processes, this process's slice of them, and its micro-batches.
         self.step_sequences = step_sequences(self.config, plan, procs.world_size)
-        # Every process learns every other's device once, so all of them compute the same layout. One process that
-        # needs shards makes all of them shard: sharding only lowers what each one holds.
-        self.peers = self._gather(RankProfile.of(plan))
-        self.parallel = "fsdp" if any(p.parallel == "fsdp" for p in self.peers) else plan.parallel
-        self.peers = [dataclasses.replace(p, parallel=self.parallel) for p in self.peers]
+        # Every process learns every other's device once, so all of them compute the same layout.
+        self.peers = agreed_profiles(self._gather(RankProfile.of(plan)))
+        self.parallel = self.peers[0].parallel
         dtypes = sorted({peer.dtype for peer in self.peers})
         if len(dtypes) > 1 and (self.parallel == "fsdp" or "fp16" in dtypes):
             # FSDP2 gathers one dtype from all, and a scaled fp16 gradient cannot be summed with unscaled ones.
@@ -626,11 +624,10 @@ class Trainer:
             # A resumed run keeps the shares measured when it began (load_state_dict): timing noise must not
             # change the layout, which with dropout would change which random numbers meet which sequences.
             self._lay_out(self._gather(self._measure_speed()), measured=True)
+        # Compiled before sharding or wrapping (several processes compile each block in place): dynamo skips the
+        # FSDP2 hooks registered after, so each block's graph holds its own math and the gathers stay outside it.
+        forward = plan.compile_model(self.model)
         if self.parallel == "fsdp":
-            if plan.compile:
-                # Compiled in place before sharding: dynamo skips the FSDP2 hooks registered after, so each block's
-                # graph holds its own math and the gathers stay outside it.
-                self.model.compile_blocks()
             shard(self.model, plan.autocast_dtype)
         compute = plan.autocast_dtype or torch.float32
         self.offload = OptimizerOffload(self.model, tc, make_optimizer, speculative=tc.grad_clip > 0,
@@ -659,7 +656,6 @@ class Trainer:
             if self.changes:
                 self.run_dir.record_changes(self.state.step, self.changes)
         self.ddp = replicate(self.model, self.device) if self.parallel == "ddp" else None
-        forward = self.model if self.parallel == "fsdp" else plan.compile_model(self.model)
         self.stepper = TrainStep(self.model, self.optimizer, self.scaler, plan, tc, self.accumulation, offload=self.offload,
                                  micro_sizes=self.micro_sizes, step_sequences=self.step_sequences,
                                  step_model=self.ddp if self.ddp is not None else forward, ddp=self.ddp,
